@@ -1,0 +1,3 @@
+"""llm-service: a multi-model LLM inference service on vLLM."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,45 @@
+"""python -m llm_service: run the service under uvicorn with settings from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import uvicorn
+
+from llm_service.app import create_app
+from llm_service.logging import configure_logging
+from llm_service.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_service", description=__doc__)
+    parser.add_argument("--host", help="bind address (default APP_HOST or 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default APP_PORT or 8002)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.stderr.write(f"llm-service: {exc}\n")
+        return 2
+    app_settings = settings.app.model_copy(
+        update={k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    )
+    settings = settings.model_copy(update={"app": app_settings})
+    configure_logging(settings.app.log_level, console=settings.app.env == "development")
+    # vLLM should log through our handlers, not install its own.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    # One worker: the engines live in this process.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.app.host,
+        port=settings.app.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP surfaces of the service, one module each."""

@@ -1,0 +1,58 @@
+"""Typed dependencies: how handlers reach what the lifespan built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from llm_service.generation import GenerationService
+from llm_service.metrics import Metrics
+from llm_service.registry import ModelRegistry
+from llm_service.settings import Settings
+
+
+@dataclass
+class Resources:
+    """Everything the lifespan owns, stored once on app.state.resources."""
+
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry
+    generation: GenerationService
+    started_at: float
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+def get_settings(request: Request) -> Settings:
+    return get_resources(request).settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return get_resources(request).registry
+
+
+def get_metrics(request: Request) -> Metrics:
+    return get_resources(request).metrics
+
+
+def get_generation(request: Request) -> GenerationService:
+    return get_resources(request).generation
+
+
+def get_request_id(request: Request) -> str:
+    request_id: str = request.scope.get("state", {}).get("request_id") or ""
+    return request_id
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+GenerationDep = Annotated[GenerationService, Depends(get_generation)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]

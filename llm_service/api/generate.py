@@ -1,0 +1,90 @@
+"""POST /generate: the service's own generation API (JSON or Server-Sent Events)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+
+from llm_service.api.deps import GenerationDep, RequestIdDep
+from llm_service.api.streaming import SSEResponse, sse
+from llm_service.engines.base import SamplingOptions
+from llm_service.errors import ServiceError, render_error, to_service_error
+from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
+from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, Usage
+
+router = APIRouter(tags=["generate"])
+
+def spec_from_request(body: GenerateRequest, request_id: str) -> GenerationSpec:
+    sampling = SamplingOptions(
+        max_tokens=body.max_tokens or 0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+        stop=body.stop_tuple(),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+    )
+    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    return GenerationSpec(
+        request_id=request_id, slot=body.model, sampling=sampling, prompt=body.prompt, messages=messages
+    )
+
+
+def usage_of(result: GenerationResult) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def response_of(result: GenerationResult) -> GenerateResponse:
+    choice = result.choices[0] if result.choices else None
+    return GenerateResponse(
+        id=result.request_id,
+        model=result.slot,
+        model_id=result.model_id,
+        text=choice.text if choice else "",
+        finish_reason=choice.finish_reason if choice else None,
+        usage=usage_of(result),
+        timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
+        cached=result.cached,
+    )
+
+
+async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
+    """Deltas as `{"type": "delta"}` events, then one `done` event (or one `error` event)."""
+    try:
+        async for delta in stream:
+            if delta.text:
+                yield sse({"type": "delta", "id": stream.result.request_id, "text": delta.text})
+    except ServiceError as exc:
+        yield sse({"type": "error", **render_error(exc)})
+        return
+    except Exception as exc:  # after the first byte the status is sent: report in-band
+        yield sse({"type": "error", **render_error(to_service_error(exc))})
+        return
+    final = response_of(stream.result).model_dump()
+    final.pop("text")
+    yield sse({"type": "done", **final})
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    summary="Generate text from a slot's model",
+    responses={
+        400: {"description": "Invalid request"},
+        404: {"description": "Unknown model slot"},
+        503: {"description": "Slot loading, failed or out of memory budget"},
+    },
+)
+async def generate(body: GenerateRequest, generation: GenerationDep, request_id: RequestIdDep) -> Any:
+    spec = spec_from_request(body, request_id)
+    if body.stream:
+        stream = await generation.open(spec)
+        return SSEResponse(sse_events(stream), on_close=stream.aclose)
+    return response_of(await generation.complete(spec))

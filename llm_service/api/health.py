@@ -1,0 +1,65 @@
+"""GET /health (with dependencies), /health/live, /health/ready and /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from llm_service import __version__
+from llm_service.api.deps import MetricsDep, RegistryDep, ResourcesDep
+from llm_service.registry import ModelRegistry, SlotState
+
+router = APIRouter(tags=["health"])
+
+
+def overall_status(registry: ModelRegistry, dependencies: dict[str, dict[str, Any]]) -> str:
+    """unhealthy: a preloaded slot failed; degraded: loading, a lazy slot failed, or a dependency
+    (Redis, Langfuse) is down; healthy otherwise."""
+    slots = registry.snapshot()
+    if any(s["pinned"] and s["state"] == SlotState.FAILED.value for s in slots.values()):
+        return "unhealthy"
+    if not registry.preload_done or any(s["state"] == SlotState.FAILED.value for s in slots.values()):
+        return "degraded"
+    if any(dep.get("status") == "down" for dep in dependencies.values()):
+        return "degraded"
+    return "healthy"
+
+
+@router.get("/health", summary="Service status with every slot and dependency")
+async def health(resources: ResourcesDep) -> JSONResponse:
+    registry = resources.registry
+    services: dict[str, dict[str, Any]] = {
+        "redis": {"status": "disabled"},
+        "langfuse": {"status": "disabled"},
+    }
+    status = overall_status(registry, services)
+    body = {
+        "status": status,
+        "version": __version__,
+        "uptime_seconds": round(time.time() - resources.started_at, 1),
+        "ready": registry.is_ready(),
+        "memory": {"budget": registry.budget, "used": round(registry.used_share(), 4)},
+        "dependencies": {"models": registry.snapshot(), **services},
+    }
+    return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)
+
+
+@router.get("/health/live", summary="Liveness: the process serves HTTP")
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/health/ready", summary="Readiness: every preloaded slot is loaded and none failed")
+async def ready(registry: RegistryDep) -> JSONResponse:
+    if registry.is_ready():
+        return JSONResponse({"status": "ready"})
+    reason = "preloading models" if not registry.preload_done else "a preloaded model failed"
+    return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(collectors: MetricsDep) -> Response:
+    return Response(collectors.render(), media_type=collectors.content_type)

@@ -1,0 +1,100 @@
+"""create_app: the FastAPI application; its lifespan owns every resource."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from fastapi import FastAPI
+
+from llm_service import __version__
+from llm_service.api import generate, health
+from llm_service.api.deps import Resources
+from llm_service.errors import install_error_handlers
+from llm_service.generation import GenerationService
+from llm_service.logging import RequestIdMiddleware
+from llm_service.metrics import Metrics
+from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy
+from llm_service.settings import Settings
+from llm_service.slot_config import build_slot_configs
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineBackend:
+    """How engines are made, and the device whose memory the budget divides."""
+
+    factory: EngineFactory
+    device: str
+    device_memory: int | None
+
+
+def vllm_backend(device_setting: str) -> EngineBackend:
+    """The real backend; importing it imports vLLM."""
+    from llm_service.engines import vllm as vllm_engines
+
+    device = device_setting
+    if device == "auto":
+        device = "cuda" if vllm_engines.gpu_available() else "cpu"
+    return EngineBackend(vllm_engines.VLLMEngine, device, vllm_engines.device_memory_bytes(device))
+
+
+def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics) -> ModelRegistry:
+    llm = settings.llm
+    policy = RegistryPolicy(
+        load_wait=llm.load_wait_seconds,
+        eviction_wait=llm.eviction_wait_seconds,
+        retry_backoff=llm.load_retry_seconds,
+        idle_unload=llm.idle_unload_seconds,
+    )
+    slots = build_slot_configs(llm, backend.device, backend.device_memory)
+    if not llm.load_on_startup:
+        # Nothing is preloaded, so nothing is pinned against idle unloading either.
+        slots = [(config, False) for config, _ in slots]
+    return ModelRegistry(slots, llm.gpu_memory_utilization, backend.factory, metrics, policy)
+
+
+def create_app(settings: Settings, backend: EngineBackend | None = None) -> FastAPI:
+    """The application. Nothing heavy happens here; the lifespan builds the resources."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        chosen = backend or vllm_backend(settings.llm.device)
+        metrics = Metrics()
+        registry = build_registry(settings, chosen, metrics)
+        app.state.resources = Resources(
+            settings=settings,
+            metrics=metrics,
+            registry=registry,
+            generation=GenerationService(registry, metrics, settings.llm.default_max_tokens),
+            started_at=time.time(),
+        )
+        log.info(
+            "service_starting",
+            version=__version__,
+            device=chosen.device,
+            budget=settings.llm.gpu_memory_utilization,
+            slots=registry.snapshot(),
+        )
+        registry.start(preload=settings.llm.load_on_startup)
+        try:
+            yield
+        finally:
+            log.info("service_stopping")
+            await registry.close()
+
+    app = FastAPI(
+        title="llm-service",
+        version=__version__,
+        description="Multi-model LLM inference on vLLM with a memory-budgeted model registry.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(generate.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,147 @@
+"""Domain exceptions and the one place that maps every error to an HTTP response."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_service.engines.base import EngineDead, EngineError, PromptTooLong
+
+log = structlog.get_logger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status, a machine-readable type and a human message."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class ModelUnavailable(ServiceError):
+    """The slot is loading, failed, or cannot fit in the memory budget right now."""
+
+    status_code = 503
+    error_type = "model_unavailable"
+
+
+class Overloaded(ServiceError):
+    status_code = 429
+    error_type = "overloaded"
+
+
+class EngineFailure(ServiceError):
+    status_code = 503
+    error_type = "engine_error"
+
+
+def to_service_error(exc: BaseException) -> ServiceError:
+    """Translate any exception into the ServiceError the client sees."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, PromptTooLong):
+        return InvalidRequest(str(exc), param="max_tokens")
+    if isinstance(exc, EngineDead):
+        return EngineFailure(f"the model's engine died and will be restarted: {exc}", retry_after=5)
+    if isinstance(exc, EngineError):
+        return EngineFailure(f"the model's engine failed: {exc}", retry_after=1)
+    if isinstance(exc, ValueError):
+        return InvalidRequest(str(exc))
+    return ServiceError("internal error")
+
+
+# An API surface renders errors in its own envelope: ours by default, OpenAI's under /v1.
+ErrorRenderer = Callable[[ServiceError], dict[str, Any]]
+
+
+def render_error(error: ServiceError) -> dict[str, Any]:
+    """The service's own error envelope."""
+    return {"error": {"type": error.error_type, "message": error.message, "param": error.param}}
+
+
+def render_openai_error(error: ServiceError) -> dict[str, Any]:
+    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.error_type if error.status_code != 500 else None,
+        }
+    }
+
+
+def _renderer_for(request: Request) -> ErrorRenderer:
+    return render_openai_error if request.url.path.startswith("/v1/") else render_error
+
+
+def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) -> JSONResponse:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    first_param = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        parts.append(f"{param}: {err.get('msg')}" if param else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, ours or the framework's, in one JSON envelope."""
+
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        error = to_service_error(exc)
+        if error.status_code >= 500:
+            log.warning("request_failed", error_type=error.error_type, error=error.message)
+        return error_response(error, _renderer_for(request))
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, param = _validation_message(exc)
+        return error_response(InvalidRequest(message, param=param), _renderer_for(request))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error = ServiceError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(error, _renderer_for(request))
+
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        return error_response(ServiceError("internal error"), _renderer_for(request))
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(PromptTooLong, service_error)
+    app.add_exception_handler(EngineError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

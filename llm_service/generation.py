@@ -1,0 +1,246 @@
+"""The one generation path every API surface uses: slot, prompt, limits, engine, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from llm_service.engines.base import (
+    Engine,
+    GenerationDelta,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingOptions,
+    TokenLogprob,
+)
+from llm_service.errors import InvalidRequest, ServiceError, to_service_error
+from llm_service.metrics import Metrics
+from llm_service.registry import ModelRegistry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What a client asked for, before the slot's engine is involved."""
+
+    request_id: str
+    slot: str  # slot name or model id
+    sampling: SamplingOptions  # max_tokens 0 = "default, capped by the context"
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation, every choice complete."""
+
+    request_id: str
+    slot: str
+    model_id: str
+    prompt: str
+    choices: list[Choice]
+    prompt_tokens: int = 0
+    time_to_first_token: float | None = None
+    total_time: float = 0.0
+    cached: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+
+class GenerationStream:
+    """An opened generation: iterate for deltas; `result` is complete once iteration ends.
+
+    Opening it (GenerationService.open) already acquired the engine and received the first
+    delta, so every error a client can get as an HTTP status has happened by then.
+    """
+
+    def __init__(self, service: GenerationService, result: GenerationResult) -> None:
+        self.result = result
+        self._service = service
+        self._stack = contextlib.AsyncExitStack()
+        self._deltas: AsyncIterator[GenerationDelta] | None = None
+        self._first: GenerationDelta | None = None
+        self._started = time.perf_counter()
+        self._outcome = "cancelled"
+        self._closed = False
+
+    async def enter(self, context: contextlib.AbstractAsyncContextManager[Engine]) -> Engine:
+        """Hold `context` (the slot) until the stream closes."""
+        return await self._stack.enter_async_context(context)
+
+    async def start(self, engine: Engine, request: GenerationRequest) -> None:
+        """Start the engine's generation and wait for its first delta."""
+        deltas = engine.generate(request)
+        self._stack.push_async_callback(_aclose, deltas)
+        self._deltas = deltas
+        self._first = await anext(deltas, None)
+
+    def __aiter__(self) -> AsyncIterator[GenerationDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[GenerationDelta]:
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                self._record(first)
+                yield first
+            if self._deltas is not None:
+                async for delta in self._deltas:
+                    self._record(delta)
+                    yield delta
+            self._outcome = "success"
+        except Exception as exc:
+            error = to_service_error(exc)
+            await self.fail(error, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            await self.aclose()
+
+    def _record(self, delta: GenerationDelta) -> None:
+        result = self.result
+        if result.time_to_first_token is None:
+            result.time_to_first_token = time.perf_counter() - self._started
+        while len(result.choices) <= delta.index:
+            result.choices.append(Choice(index=len(result.choices)))
+        choice = result.choices[delta.index]
+        choice.text += delta.text
+        choice.completion_tokens = delta.completion_tokens
+        choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+        result.prompt_tokens = delta.prompt_tokens
+
+    async def fail(self, error: ServiceError, cause: BaseException) -> None:
+        """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
+        self._outcome = _status_label(error)
+        await self.aclose(cause)
+
+    async def aclose(self, cause: BaseException | None = None) -> None:
+        """Release the engine (aborting the request if unfinished) and record metrics once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if cause is None:
+                await self._stack.aclose()
+            else:
+                await self._stack.__aexit__(type(cause), cause, cause.__traceback__)
+        finally:
+            self.result.total_time = time.perf_counter() - self._started
+            self._service.record(self.result, self._outcome, ran_engine=self._deltas is not None)
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    closer = getattr(iterator, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
+class GenerationService:
+    """Turns a GenerationSpec into engine work on a slot the registry hands out."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, default_max_tokens: int) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
+
+    async def open(self, spec: GenerationSpec) -> GenerationStream:
+        """Acquire the slot, render and check the prompt, start the engine, await the first delta.
+
+        Raises ServiceError subclasses: ModelNotFound, ModelUnavailable, InvalidRequest,
+        EngineFailure.
+        """
+        slot = self.registry.find(spec.slot)
+        result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
+        stream = GenerationStream(self, result)
+        try:
+            engine = await stream.enter(self.registry.acquire(slot.name))
+            result.prompt = self._prompt(engine, spec)
+            sampling = self._bounded(engine, result.prompt, spec.sampling)
+            await stream.start(engine, GenerationRequest(spec.request_id, result.prompt, sampling))
+        except Exception as exc:
+            error = to_service_error(exc)
+            await stream.fail(error, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        return stream
+
+    async def complete(self, spec: GenerationSpec) -> GenerationResult:
+        """Run a generation to the end."""
+        stream = await self.open(spec)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    def _prompt(self, engine: Engine, spec: GenerationSpec) -> str:
+        if spec.messages is not None:
+            try:
+                return engine.render_chat(spec.messages)
+            except ValueError as exc:
+                raise InvalidRequest(f"cannot render messages: {exc}", param="messages") from exc
+        assert spec.prompt is not None
+        return spec.prompt
+
+    def _bounded(self, engine: Engine, prompt: str, sampling: SamplingOptions) -> SamplingOptions:
+        """Fill in the default max_tokens and check the prompt fits the slot's context."""
+        limit = engine.config.max_model_len
+        prompt_tokens = engine.count_tokens(prompt)
+        max_tokens = sampling.max_tokens
+        if max_tokens <= 0:
+            max_tokens = max(1, min(self.default_max_tokens, limit - prompt_tokens))
+        if prompt_tokens + max_tokens > limit:
+            raise PromptTooLong(prompt_tokens, max_tokens, limit)
+        if max_tokens == sampling.max_tokens:
+            return sampling
+        return dataclasses.replace(sampling, max_tokens=max_tokens)
+
+    def record(self, result: GenerationResult, outcome: str, ran_engine: bool) -> None:
+        """Count one request, and the engine's work if it ran, in the metrics."""
+        m, slot = self.metrics, result.slot
+        m.requests.labels(model=slot, status=outcome).inc()
+        if not ran_engine:
+            return
+        m.engine_generations.labels(model=slot).inc()
+        m.prompt_tokens.labels(model=slot).inc(result.prompt_tokens)
+        m.tokens_generated.labels(model=slot).inc(result.completion_tokens)
+        m.inference_duration.labels(model=slot).observe(result.total_time)
+        if result.time_to_first_token is not None:
+            m.time_to_first_token.labels(model=slot).observe(result.time_to_first_token)
+        log.info(
+            "generation_finished",
+            slot=slot,
+            outcome=outcome,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft=_round(result.time_to_first_token),
+            seconds=_round(result.total_time),
+        )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _status_label(error: ServiceError) -> str:
+    return "error" if error.status_code >= 500 else "invalid"

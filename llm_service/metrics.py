@@ -1,0 +1,92 @@
+"""Every Prometheus collector of the service, in a registry of its own (not vLLM's global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency buckets from 50 ms to 10 min: CPU demo runs are slow, GPU runs fast.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class Metrics:
+    """The service's collectors. Names avoid the substring 'vllm' (vLLM owns those)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "llm_requests", "Generation requests by slot and outcome.", ["model", "status"], registry=r
+        )
+        self.tokens_generated = Counter(
+            "llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.inference_duration = Histogram(
+            "llm_inference_duration_seconds",
+            "Time from request to last token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "llm_time_to_first_token_seconds",
+            "Time from request to first token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "llm_requests_in_flight", "Requests holding a slot right now.", ["model"], registry=r
+        )
+        self.model_loaded = Gauge("llm_model_loaded", "1 when the slot's engine is loaded.", ["model"], registry=r)
+        self.model_load_duration = Histogram(
+            "llm_model_load_duration_seconds",
+            "Time to start a slot's engine.",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "llm_model_load_failures", "Engine starts that failed.", ["model"], registry=r
+        )
+        self.model_memory_share = Gauge(
+            "llm_model_memory_share", "Budget share held by the slot while loaded.", ["model"], registry=r
+        )
+        self.evictions = Counter(
+            "llm_model_evictions", "Slots unloaded to make room for another.", ["model"], registry=r
+        )
+        self.idle_unloads = Counter(
+            "llm_model_idle_unloads", "Slots unloaded after their idle time.", ["model"], registry=r
+        )
+        self.engine_generations = Counter(
+            "llm_engine_generations",
+            "Generations the engine actually ran (cache hits and coalesced requests excluded).",
+            ["model"],
+            registry=r,
+        )
+
+    def init_slot(self, slot: str) -> None:
+        """Create a slot's series at zero so dashboards see them before the first request."""
+        for collector in (
+            self.tokens_generated,
+            self.prompt_tokens,
+            self.inference_duration,
+            self.time_to_first_token,
+            self.in_flight,
+            self.model_loaded,
+            self.model_load_duration,
+            self.model_load_failures,
+            self.model_memory_share,
+            self.evictions,
+            self.idle_unloads,
+            self.engine_generations,
+        ):
+            collector.labels(model=slot)
+        self.requests.labels(model=slot, status="success")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

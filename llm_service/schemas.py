@@ -1,0 +1,91 @@
+"""Request and response models of POST /generate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content is plain text."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"] = Field(description="Who speaks.")
+    content: str = Field(description="The message text.")
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters shared by every generation surface."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; default LLM_DEFAULT_MAX_TOKENS, capped by the context."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (and cacheable).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; -1/0/None = all.")
+    stop: str | list[str] | None = Field(None, description="Text that ends generation (not included).")
+    seed: int | None = Field(None, description="Seed for reproducible sampling (makes the request cacheable).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty for tokens already present.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty by token frequency.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 16:
+            raise ValueError("at most 16 stop sequences")
+        if any(item == "" for item in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class GenerateRequest(SamplingFields):
+    """Body of POST /generate: a slot, a prompt or chat messages, and sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("standard", description="Slot name (standard, longctx, multimodal) or its model id.")
+    prompt: str | None = Field(None, description="Raw prompt text, sent to the model as is.")
+    messages: list[ChatMessage] | None = Field(
+        None, description="Chat messages, rendered with the model's chat template."
+    )
+    stream: bool = Field(False, description="Stream Server-Sent Events instead of one JSON response.")
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' must not be empty")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt.")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+
+class Timings(BaseModel):
+    time_to_first_token: float | None = Field(description="Seconds from request to the first token.")
+    total: float = Field(description="Seconds from request to the last token.")
+
+
+class GenerateResponse(BaseModel):
+    """Body of a non-streamed /generate response."""
+
+    id: str = Field(description="Request id (also in the X-Request-ID header).")
+    model: str = Field(description="Slot that served the request.")
+    model_id: str = Field(description="Model id loaded in that slot.")
+    text: str = Field(description="Generated text.")
+    finish_reason: str | None = Field(description="stop, length or abort.")
+    usage: Usage
+    timings: Timings
+    cached: bool = Field(False, description="True when the response came from the cache.")

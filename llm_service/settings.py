@@ -1,0 +1,204 @@
+"""Typed settings tree read from the environment (names as in the deployment guide)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
+
+PRODUCTION_MODELS: dict[str, str] = {
+    "standard": "meta-llama/Llama-3.1-8B-Instruct-AWQ",
+    "longctx": "mistralai/Mistral-NeMo-Instruct-2407-AWQ",
+    "multimodal": "google/gemma-3-12b-it-awq",
+}
+DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
+# Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
+DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong value; the message names the environment variable."""
+
+
+class AppSettings(BaseSettings):
+    """Process-level settings (APP_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="APP_", extra="ignore")
+
+    env: Literal["development", "production", "test"] = Field(
+        "production", description="development switches logs to console format."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Minimum level of log lines."
+    )
+    host: str = Field("0.0.0.0", description="Address uvicorn binds to.")
+    port: int = Field(8002, ge=1, le=65535, description="Port uvicorn listens on.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class LLMSettings(BaseSettings):
+    """Models, memory budget and registry behaviour (LLM_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    model_standard: str | None = Field(None, description="Model id or local path of the standard slot.")
+    model_longctx: str | None = Field(None, description="Model id or local path of the longctx slot.")
+    model_multimodal: str | None = Field(None, description="Model id or local path of the multimodal slot.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto picks cuda when a GPU is visible, else cpu."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85,
+        gt=0.0,
+        le=1.0,
+        description="Total fraction of device memory all loaded engines may use together "
+        "(on the CPU backend: of NUMA node 0's memory).",
+    )
+    load_on_startup: bool = Field(True, description="Load the preload slots before serving.")
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["standard", "longctx"],
+        description="Comma list of slots loaded at start and never unloaded when idle.",
+    )
+    max_model_len_standard: int | None = Field(None, gt=0, description="Context length of standard.")
+    max_model_len_longctx: int | None = Field(None, gt=0, description="Context length of longctx.")
+    max_model_len_multimodal: int | None = Field(None, gt=0, description="Context length of multimodal.")
+    memory_share_standard: float | None = Field(None, gt=0, le=1, description="Budget share of standard.")
+    memory_share_longctx: float | None = Field(None, gt=0, le=1, description="Budget share of longctx.")
+    memory_share_multimodal: float | None = Field(None, gt=0, le=1, description="Budget share of multimodal.")
+    engine_args_standard: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON object of extra vLLM engine arguments for standard."
+    )
+    engine_args_longctx: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON object of extra vLLM engine arguments for longctx."
+    )
+    engine_args_multimodal: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON object of extra vLLM engine arguments for multimodal."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine is split across.")
+    enforce_eager: bool | None = Field(
+        None, description="Skip CUDA graphs / torch.compile; default true on cpu, false on cuda."
+    )
+    idle_unload_seconds: float = Field(
+        1800.0, ge=0, description="Unload a non-preloaded slot idle this long (0 = never)."
+    )
+    load_wait_seconds: float = Field(
+        120.0, gt=0, description="How long a request waits for its slot to load before 503."
+    )
+    eviction_wait_seconds: float = Field(
+        10.0, ge=0, description="How long a load waits for in-flight requests of an LRU slot to end."
+    )
+    load_retry_seconds: float = Field(
+        30.0, ge=0, description="Back-off before a failed slot is loaded again."
+    )
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
+
+    @field_validator("preload_models", mode="before")
+    @classmethod
+    def _split_slots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("preload_models")
+    @classmethod
+    def _known_slots(cls, value: list[str]) -> list[str]:
+        unknown = [slot for slot in value if slot not in SLOTS]
+        if unknown:
+            raise ValueError(f"unknown slot(s) {unknown}; slots are {list(SLOTS)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("engine_args_standard", "engine_args_longctx", "engine_args_multimodal", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+    def model_for(self, slot: str) -> str | None:
+        return getattr(self, f"model_{slot}")
+
+    def max_model_len_for(self, slot: str) -> int | None:
+        return getattr(self, f"max_model_len_{slot}")
+
+    def memory_share_for(self, slot: str) -> float | None:
+        return getattr(self, f"memory_share_{slot}")
+
+    def engine_args_for(self, slot: str) -> dict[str, Any]:
+        return dict(getattr(self, f"engine_args_{slot}"))
+
+
+class RedisSettings(BaseSettings):
+    """Response cache backend (REDIS_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="REDIS_", extra="ignore")
+
+    host: str = Field("localhost", description="Redis host.")
+    port: int = Field(6379, ge=1, le=65535, description="Redis port.")
+
+
+class LangfuseSettings(BaseSettings):
+    """Tracing (LANGFUSE_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="LANGFUSE_", extra="ignore")
+
+    enabled: bool = Field(False, description="Send a trace per request to Langfuse.")
+    host: str = Field("http://localhost:3000", description="Langfuse base URL.")
+    public_key: str | None = Field(None, description="Langfuse public key (pk-...).")
+    secret_key: str | None = Field(None, description="Langfuse secret key (sk-...).")
+
+
+class Settings(BaseModel):
+    """The whole configuration; build with `load_settings()` from the environment."""
+
+    app: AppSettings = Field(default_factory=AppSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    langfuse: LangfuseSettings = Field(default_factory=LangfuseSettings)
+
+
+_SECTIONS: dict[str, type[BaseSettings]] = {
+    "app": AppSettings,
+    "llm": LLMSettings,
+    "redis": RedisSettings,
+    "langfuse": LangfuseSettings,
+}
+
+
+def env_name(section: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets `field` of `section`."""
+    return f"{section.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def known_env_vars() -> set[str]:
+    """Every environment variable the settings read."""
+    return {env_name(cls, name) for cls in _SECTIONS.values() for name in cls.model_fields}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read every section from the environment; raise SettingsError naming the bad variable."""
+    sections: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, cls in _SECTIONS.items():
+        try:
+            sections[key] = overrides.get(key) or cls()
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                problems.append(f"{env_name(cls, field)}: {error['msg']} (got {error.get('input')!r})")
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    return Settings(**sections)
