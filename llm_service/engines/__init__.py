@@ -1,0 +1,1 @@
+"""Inference engines: the protocol, the vLLM implementation and a fake for tests."""

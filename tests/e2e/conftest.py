@@ -1,0 +1,196 @@
+"""End-to-end fixtures: a real redis-server and the real service (vLLM on the demo model)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm_service.settings import DEMO_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 600.0  # seconds; an engine starts in about 30 s here, under load slower
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port; stop() and start() for fault tests."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (make setup installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, 10, "redis-server")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+class ServiceProcess:
+    """`python -m llm_service` in a subprocess, on a free port, logs to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "APP_PORT": str(self.port), "APP_HOST": "127.0.0.1"}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: bool = True) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llm_service"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        if ready:
+            self.wait("/health/ready")
+
+    def wait(self, path: str, timeout: float = READY_TIMEOUT) -> None:
+        def answered() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                return httpx.get(self.base_url + path, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_for(answered, timeout, f"{path} of the service")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+def demo_model_path() -> str:
+    path = (ROOT / DEMO_MODEL_DIR).resolve()
+    if not (path / "config.json").exists():
+        pytest.fail(f"demo model missing at {path}: run `python -m llm_service.demo_model` (make setup)")
+    return str(path)
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    """Settings every e2e service shares: the demo model in every slot, on the CPU."""
+    model = demo_model_path()
+    env = {
+        "APP_ENV": "test",
+        "APP_LOG_LEVEL": "INFO",
+        "LLM_DEVICE": "cpu",
+        "LLM_MODEL_STANDARD": model,
+        "LLM_MODEL_LONGCTX": model,
+        "LLM_MODEL_MULTIMODAL": model,
+        "LLM_MAX_MODEL_LEN_STANDARD": "2048",
+        "LLM_MAX_MODEL_LEN_LONGCTX": "4096",
+        "LLM_MAX_MODEL_LEN_MULTIMODAL": "1024",
+        "LLM_MEMORY_SHARE_STANDARD": "0.3",
+        "LLM_MEMORY_SHARE_LONGCTX": "0.3",
+        "LLM_MEMORY_SHARE_MULTIMODAL": "0.3",
+        "LLM_GPU_MEMORY_UTILIZATION": "0.9",
+        "LLM_PRELOAD_MODELS": "standard",
+        "LLM_IDLE_UNLOAD_SECONDS": "0",
+        "LLM_LOAD_WAIT_SECONDS": "300",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_server: RedisServer) -> dict[str, str]:
+    """The shared service's environment; fixtures of other suites may add to it."""
+    return base_env(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_server.port))
+
+
+@pytest.fixture(scope="session")
+def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The shared real service: standard preloaded, longctx and multimodal lazy."""
+    proc = ServiceProcess(service_env, tmp_path_factory.mktemp("service") / "service.log")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(service: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.base_url, timeout=300) as http:
+        yield http
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)
