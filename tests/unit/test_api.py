@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
+
+from tests.metrics_text import metric
 import pytest
 
 from llm_service.app import EngineBackend, create_app
@@ -16,17 +18,6 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 def sse_events(body: str) -> list[dict]:
     return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            series, value = line.rsplit(" ", 1)
-            got = ",".join(sorted(series[len(name) + 1 : -1].split(",")))
-            if got == want:
-                return float(value)
-    return 0.0
 
 
 async def test_generate_with_messages(fake_app):

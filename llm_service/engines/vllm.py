@@ -1,0 +1,329 @@
+"""The Engine protocol on vLLM's AsyncLLM: the only module of the service that imports vllm."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import structlog
+import torch
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput
+from vllm.platforms import current_platform
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from vllm.tokenizers import TokenizerLike
+from vllm.utils.cpu_resource_utils import get_memory_node_info
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from llm_service.engines.base import (
+    EngineConfig,
+    EngineDead,
+    EngineError,
+    GenerationDelta,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+log = structlog.get_logger(__name__)
+
+# Building an engine mutates process-wide state (vLLM's CPU platform and OpenMP binding rewrite
+# os.environ around the spawn; on a GPU two engines profiling at once count each other's memory,
+# vLLM issue #55827), so builds in this process run one at a time.
+_BUILD_LOCK = threading.Lock()
+
+# "repetition" only comes from vLLM's opt-in repetition detection; to a client it is a normal stop.
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+
+
+def gpu_available() -> bool:
+    """True if the installed vLLM runs on CUDA and a GPU is visible."""
+    # GPU-only: the CPU build of vLLM pins a +cpu torch, which never sees a GPU.
+    return current_platform.is_cuda_alike() and torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Total memory that `gpu_memory_utilization` is a fraction of on `device`, None if unknown."""
+    if device == "cuda":
+        # GPU-only: vLLM budgets against the total memory of each engine's GPU (rank 0 here).
+        return int(torch.cuda.get_device_properties(0).total_memory) if gpu_available() else None
+    if device == "cpu":
+        # vLLM's CPU worker reads NUMA node 0's MemTotal, clamped to the cgroup memory limit.
+        return int(get_memory_node_info(0).total_memory)
+    return None
+
+
+class VLLMEngine:
+    """One vLLM AsyncLLM (engine core in a child process) serving one model."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._llm: AsyncLLM | None = None
+        self._build: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def engine_args(self) -> AsyncEngineArgs:
+        """The vLLM engine arguments this engine starts with."""
+        cfg = self.config
+        args: dict[str, Any] = {
+            "model": cfg.model_id,
+            "revision": cfg.revision,
+            "max_model_len": cfg.max_model_len,
+            # On CPU vLLM reads this as a share of NUMA node 0 and, unless a KV cache size is given,
+            # sizes the KV cache as share * node memory - the worker's RSS after a warm-up pass:
+            # the share bounds the whole engine process, as on a GPU.
+            "gpu_memory_utilization": cfg.memory_share,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "enforce_eager": cfg.enforce_eager,
+            # vLLM's Prometheus loggers unregister each other's collectors across engines; we keep
+            # our own per-model metrics, and with stats off vLLM registers no collectors at all.
+            "disable_log_stats": True,
+            "enable_log_requests": False,
+        }
+        args.update(cfg.extra_args)
+        return AsyncEngineArgs(**args)
+
+    def _check_device(self) -> None:
+        built_for = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
+        if self.config.device != built_for:
+            raise EngineError(
+                f"device {self.config.device} asked for, but the installed vLLM runs on {built_for}"
+            )
+        if self.config.device == "cpu" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # vLLM applies it to every engine of the process and ignores the share for the KV cache.
+            log.warning(
+                "vllm_engine.kvcache_space_env_overrides_share",
+                slot=self.config.slot,
+                gib=os.environ["VLLM_CPU_KVCACHE_SPACE"],
+            )
+
+    @staticmethod
+    def _build_blocking(args: AsyncEngineArgs) -> AsyncLLM:
+        with _BUILD_LOCK:
+            return AsyncLLM.from_engine_args(args)
+
+    async def start(self) -> None:
+        """Build the engine in a worker thread (about 30 s on CPU) so the event loop keeps serving."""
+        if self._llm is not None or self._build is not None or self._closed:
+            raise RuntimeError(f"engine {self.config.slot} already started or shut down")
+        self._check_device()
+        self._build = asyncio.ensure_future(self._build_and_register())
+        try:
+            # The build thread cannot be interrupted; shielded, it runs on after a cancelled start
+            # and stops what it built itself, so no engine process outlives a cancelled load.
+            await asyncio.shield(self._build)
+        except asyncio.CancelledError:
+            self._closed = True
+            # Nobody awaits the build any more; fetch its outcome so asyncio does not log it as lost.
+            self._build.add_done_callback(lambda build: build.cancelled() or build.exception())
+            raise
+
+    async def _build_and_register(self) -> None:
+        started = time.monotonic()
+        try:
+            try:
+                llm = await asyncio.to_thread(self._build_blocking, self.engine_args())
+            except Exception as exc:
+                # vLLM's root cause (e.g. not enough memory) is logged by the engine core process;
+                # the parent only sees "Engine core initialization failed".
+                raise EngineError(f"engine {self.config.slot} failed to start: {exc}") from exc
+            if self._closed:
+                await asyncio.to_thread(llm.shutdown)
+                multiprocessing.active_children()
+                raise EngineError(f"engine {self.config.slot} was shut down while starting")
+            self._llm = llm
+        finally:
+            self._build = None
+        # Built off the loop, AsyncLLM defers its output tasks to the first request; start them now
+        # so an engine-core failure before any request is still noticed.
+        llm._run_output_handler()
+        log.info(
+            "vllm_engine.started",
+            slot=self.config.slot,
+            model=self.config.model_id,
+            seconds=round(time.monotonic() - started, 1),
+            kv_cache_blocks=llm.vllm_config.cache_config.num_gpu_blocks,
+        )
+
+    def _engine(self) -> AsyncLLM:
+        if self._llm is None:
+            raise EngineDead(f"engine {self.config.slot} is not running")
+        return self._llm
+
+    def _tokenizer(self) -> TokenizerLike:
+        return self._engine().get_tokenizer()
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """Render messages with the model's chat template, generation prompt added."""
+        tokenizer = self._tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.config.model_id} has no chat template; use a completion prompt")
+        try:
+            return str(
+                tokenizer.apply_chat_template(
+                    cast(list[Any], messages), tokenize=False, add_generation_prompt=True
+                )
+            )
+        except Exception as exc:  # jinja raises its own errors for messages a template rejects
+            raise ValueError(f"chat template rejected the messages: {exc}") from exc
+
+    def _add_special_tokens(self, prompt: str) -> bool:
+        # vLLM adds special tokens (BOS) to text prompts; a chat-rendered prompt already starts
+        # with BOS, and a second one degrades output (vLLM's chat path skips them too).
+        bos = getattr(self._tokenizer(), "bos_token", None)
+        return not (bos and prompt.startswith(bos))
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the prompt encodes to, counted as generate() tokenizes it."""
+        encoded = self._tokenizer()(prompt, add_special_tokens=self._add_special_tokens(prompt))
+        return len(encoded["input_ids"])
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas per choice; closing the iterator aborts the request in vLLM."""
+        llm = self._engine()
+        try:
+            params = _sampling_params(request.sampling)
+            tok_params = dataclasses.replace(
+                llm.renderer.default_cmpl_tok_params,
+                add_special_tokens=self._add_special_tokens(request.prompt),
+                max_output_tokens=request.sampling.max_tokens,
+            )
+            # Rendering here is vLLM's non-deprecated path and rejects a prompt that does not fit.
+            (engine_input,) = await llm.renderer.render_cmpl_async(
+                [parse_model_prompt(llm.model_config, request.prompt)], tok_params
+            )
+        except VLLMClientError as exc:
+            raise ValueError(str(exc)) from exc
+        prompt_len = len(engine_input["prompt_token_ids"])
+        if prompt_len + request.sampling.max_tokens > llm.model_config.max_model_len:
+            # vLLM 0.32 would silently cut the generation at max_model_len instead.
+            raise PromptTooLong(prompt_len, request.sampling.max_tokens, llm.model_config.max_model_len)
+        completion_tokens = [0] * request.sampling.n
+        want_logprobs = request.sampling.logprobs is not None
+        stream = llm.generate(engine_input, params, request.request_id)
+        try:
+            async for output in stream:
+                prompt_tokens = len(output.prompt_token_ids or ())
+                for choice in output.outputs:
+                    completion_tokens[choice.index] += len(choice.token_ids)
+                    if choice.finish_reason == "error":
+                        raise EngineError(f"vLLM failed request {request.request_id} (finish_reason error)")
+                    finish = _FINISH_REASONS.get(choice.finish_reason) if choice.finish_reason else None
+                    if not choice.text and not choice.token_ids and finish is None:
+                        continue
+                    yield GenerationDelta(
+                        index=choice.index,
+                        text=choice.text,
+                        completion_tokens=completion_tokens[choice.index],
+                        prompt_tokens=prompt_tokens,
+                        finish_reason=finish,
+                        logprobs=self._logprobs(choice, request.sampling.logprobs) if want_logprobs else (),
+                    )
+        except EngineDeadError as exc:
+            raise EngineDead(f"engine {self.config.slot} died: {exc}") from exc
+        except VLLMClientError as exc:
+            raise ValueError(str(exc)) from exc
+        except EngineGenerateError as exc:
+            if isinstance(exc.__cause__, ValueError | VLLMClientError):
+                raise ValueError(str(exc.__cause__)) from exc
+            raise EngineError(f"vLLM failed request {request.request_id}: {exc.__cause__!r}") from exc
+        except GracefulHTTPError as exc:  # vLLM's own queue limits: not the request's fault
+            raise EngineError(str(exc)) from exc
+        finally:
+            # Throws GeneratorExit into vLLM's generator, which aborts the request there.
+            await stream.aclose()
+
+    def _logprobs(self, choice: CompletionOutput, top_n: int | None) -> tuple[TokenLogprob, ...]:
+        if not choice.logprobs:
+            return ()
+        result: list[TokenLogprob] = []
+        for token_id, position in zip(choice.token_ids, choice.logprobs, strict=False):
+            if not position:
+                continue
+            chosen = position.get(token_id)
+            # vLLM returns the top-n (rank 1..n) plus the sampled token when it ranks lower.
+            top = sorted(
+                (
+                    (lp.rank, self._decoded(tid, lp), lp.logprob)
+                    for tid, lp in position.items()
+                    if lp.rank is not None and lp.rank <= (top_n or 0)
+                ),
+            )
+            result.append(
+                TokenLogprob(
+                    token=self._decoded(token_id, chosen),
+                    logprob=chosen.logprob if chosen is not None else float("-inf"),
+                    top=tuple((text, logprob) for _, text, logprob in top),
+                )
+            )
+        return tuple(result)
+
+    def _decoded(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return str(self._tokenizer().decode([token_id]))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request; a no-op if it is unknown or already finished."""
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        """Raise EngineDead unless the engine core is alive."""
+        try:
+            await self._engine().check_health()
+        except EngineDeadError as exc:
+            raise EngineDead(f"engine {self.config.slot} is dead") from exc
+
+    async def shutdown(self) -> None:
+        """End the engine core processes and free their memory; idempotent."""
+        self._closed = True
+        if self._build is not None:
+            # A start in progress stops what it builds once it sees _closed; wait for that.
+            await asyncio.wait({self._build})
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        started = time.monotonic()
+        # AsyncLLM.shutdown joins the child processes (seconds); off the loop so other engines serve.
+        await asyncio.to_thread(llm.shutdown)
+        # vLLM SIGKILLs an engine core that outlives its 5 s grace without reaping it; reap exited
+        # children so reloads do not pile up zombies.
+        multiprocessing.active_children()
+        log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
+
+
+def _sampling_params(options: SamplingOptions) -> SamplingParams:
+    structured: StructuredOutputsParams | None = None
+    if options.json_schema is not None:
+        structured = (
+            StructuredOutputsParams(json=options.json_schema)
+            if options.json_schema
+            else StructuredOutputsParams(json_object=True)
+        )
+    stop: Sequence[str] = options.stop
+    return SamplingParams(
+        n=options.n,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k or 0,  # 0 disables top-k in vLLM 0.32
+        stop=list(stop) or None,
+        seed=options.seed,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        logprobs=options.logprobs,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+    )
