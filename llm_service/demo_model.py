@@ -96,6 +96,9 @@ def ensure_demo_model(output: Path = DEMO_MODEL_DIR) -> Path:
     started = time.monotonic()
     gguf_path = fetch_gguf()
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*"):
+        # Staging folders of killed runs; never read, only taking space.
+        shutil.rmtree(stale, ignore_errors=True)
     # Build next to the target and rename at the end, so a killed run never leaves a half checkpoint
     # that a later run would take for complete.
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

@@ -23,8 +23,10 @@ from llm_service.settings import (
 log = structlog.get_logger(__name__)
 
 GIB = 1024**3
-# Memory an engine needs beyond weights and KV cache: CUDA context, activations, graphs.
-_OVERHEAD = {"cuda": 2 * GIB, "cpu": GIB // 2}
+# Memory an engine needs beyond weights and KV cache: on CUDA the context, activations and
+# graphs; on the CPU the worker process itself (torch and vLLM, about 1.1 GiB measured), since
+# there the share bounds the worker's whole resident memory.
+_OVERHEAD = {"cuda": 2 * GIB, "cpu": 3 * GIB // 2}
 _FALLBACK_SHARE = 0.4
 
 

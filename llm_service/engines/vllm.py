@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import structlog
@@ -118,15 +118,15 @@ class VLLMEngine:
         if self._llm is not None or self._build is not None or self._closed:
             raise RuntimeError(f"engine {self.config.slot} already started or shut down")
         self._check_device()
-        self._build = asyncio.ensure_future(self._build_and_register())
+        build = self._build = asyncio.ensure_future(self._build_and_register())
         try:
             # The build thread cannot be interrupted; shielded, it runs on after a cancelled start
             # and stops what it built itself, so no engine process outlives a cancelled load.
-            await asyncio.shield(self._build)
+            await asyncio.shield(build)
         except asyncio.CancelledError:
             self._closed = True
             # Nobody awaits the build any more; fetch its outcome so asyncio does not log it as lost.
-            self._build.add_done_callback(lambda build: build.cancelled() or build.exception())
+            build.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
 
     async def _build_and_register(self) -> None:
@@ -197,9 +197,9 @@ class VLLMEngine:
             tok_params = dataclasses.replace(
                 llm.renderer.default_cmpl_tok_params,
                 add_special_tokens=self._add_special_tokens(request.prompt),
-                max_output_tokens=request.sampling.max_tokens,
             )
-            # Rendering here is vLLM's non-deprecated path and rejects a prompt that does not fit.
+            # vLLM's non-deprecated input path (raw strings to generate() warn); it also rejects a
+            # prompt longer than max_model_len.
             (engine_input,) = await llm.renderer.render_cmpl_async(
                 [parse_model_prompt(llm.model_config, request.prompt)], tok_params
             )
@@ -312,14 +312,13 @@ def _sampling_params(options: SamplingOptions) -> SamplingParams:
             if options.json_schema
             else StructuredOutputsParams(json_object=True)
         )
-    stop: Sequence[str] = options.stop
     return SamplingParams(
         n=options.n,
         max_tokens=options.max_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
         top_k=options.top_k or 0,  # 0 disables top-k in vLLM 0.32
-        stop=list(stop) or None,
+        stop=list(options.stop) or None,
         seed=options.seed,
         presence_penalty=options.presence_penalty,
         frequency_penalty=options.frequency_penalty,

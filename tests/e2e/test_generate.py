@@ -83,7 +83,7 @@ def test_health_reports_slots(client: httpx.Client) -> None:
     models = body["dependencies"]["models"]
     assert set(models) == {"standard", "longctx", "multimodal"}
     assert models["standard"]["state"] == "loaded" and models["standard"]["pinned"] is True
-    assert models["standard"]["memory_share"] == 0.3
+    assert models["standard"]["memory_share"] == 0.15
     assert models["standard"]["max_model_len"] == 2048
     assert client.get("/health/live").status_code == 200
     assert client.get("/health/ready").status_code == 200

@@ -17,10 +17,10 @@ from .test_generate import CAPITAL
 
 @pytest.fixture(scope="module")
 def lazy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """Nothing preloaded; the budget (0.6) fits two of the three 0.3 slots."""
+    """Nothing preloaded; the budget (0.3) fits two of the three 0.15 slots."""
     env = base_env(
         LLM_LOAD_ON_STARTUP="false",
-        LLM_GPU_MEMORY_UTILIZATION="0.6",
+        LLM_GPU_MEMORY_UTILIZATION="0.3",
         LLM_EVICTION_WAIT_SECONDS="2",
     )
     proc = ServiceProcess(env, tmp_path_factory.mktemp("lazy") / "service.log")
@@ -63,7 +63,7 @@ def test_lazy_loads_two_slots_then_evicts_the_least_recently_used(lazy_service: 
     assert [r.json()["model"] for r in both] == ["standard", "longctx"]
     assert all("Paris" in r.json()["text"] for r in both)
     health = client.get("/health").json()
-    assert health["memory"]["used"] == pytest.approx(0.6)
+    assert health["memory"]["used"] == pytest.approx(0.3)
     assert health["dependencies"]["models"]["longctx"]["max_model_len"] == 4096
 
     # standard is used last, so longctx is the least recently used: loading multimodal evicts it.
@@ -75,7 +75,7 @@ def test_lazy_loads_two_slots_then_evicts_the_least_recently_used(lazy_service: 
     assert metric(text, "llm_model_evictions_total", model="longctx") == 1
     assert metric(text, "llm_model_loaded", model="longctx") == 0
     assert metric(text, "llm_model_loaded", model="multimodal") == 1
-    assert client.get("/health").json()["memory"]["used"] == pytest.approx(0.6)
+    assert client.get("/health").json()["memory"]["used"] == pytest.approx(0.3)
 
 
 def test_refuses_a_load_when_every_loaded_slot_is_busy(lazy_service: httpx.Client) -> None:
