@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -21,7 +21,7 @@ log = structlog.get_logger(__name__)
 EngineFactory = Callable[[EngineConfig], Engine]
 
 
-class SlotState(str, Enum):
+class SlotState(StrEnum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     LOADED = "loaded"
@@ -352,9 +352,9 @@ class ModelRegistry:
                 )
             await self._wait_idle(loaded, remaining)
 
-    async def _wait_idle(self, slots: list[Slot], timeout: float) -> None:
-        """Wait until one of `slots` has no request in flight, or `timeout` passes."""
-        deadline = self._clock() + timeout
+    async def _wait_idle(self, slots: list[Slot], within: float) -> None:
+        """Wait until one of `slots` has no request in flight, or `within` seconds pass."""
+        deadline = self._clock() + within
         while all(s.in_flight for s in slots):
             remaining = deadline - self._clock()
             if remaining <= 0:

@@ -95,9 +95,10 @@ class FakeEngine:
                     reason = None
                     if last:
                         reason = "stop" if stop_hit or position == len(words) - 1 else "length"
-                    logprobs = ()
+                    logprobs: tuple[TokenLogprob, ...] = ()
                     if sampling.logprobs is not None:
-                        logprobs = (TokenLogprob(token=piece, logprob=-0.5, top=(((piece, -0.5),) * sampling.logprobs)),)
+                        top = ((piece, -0.5),) * sampling.logprobs
+                        logprobs = (TokenLogprob(token=piece, logprob=-0.5, top=top),)
                     yield GenerationDelta(
                         index=index,
                         text=piece,

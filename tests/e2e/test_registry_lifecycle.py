@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from .conftest import ServiceProcess, base_env
 from tests.metrics_text import metric
 
+from .conftest import ServiceProcess, base_env
 from .test_generate import CAPITAL
 
 

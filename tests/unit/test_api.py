@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import httpx
-
-from tests.metrics_text import metric
 import pytest
 
 from llm_service.app import EngineBackend, create_app
+from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings
 
