@@ -11,8 +11,10 @@ import structlog
 from fastapi import FastAPI
 
 from llm_service import __version__
-from llm_service.api import generate, health
+from llm_service.api import generate, health, openai
 from llm_service.api.deps import Resources
+from llm_service.cache import CachePolicy, build_cache
+from llm_service.coalesce import Coalescer
 from llm_service.errors import install_error_handlers
 from llm_service.generation import GenerationService
 from llm_service.logging import RequestIdMiddleware
@@ -20,6 +22,7 @@ from llm_service.metrics import Metrics
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy
 from llm_service.settings import Settings
 from llm_service.slot_config import build_slot_configs
+from llm_service.tracing import build_tracer
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +69,19 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
         chosen = backend or vllm_backend(settings.llm.device)
         metrics = Metrics()
         registry = build_registry(settings, chosen, metrics)
+        cache = build_cache(settings, metrics)
+        tracer = build_tracer(settings)
+        coalescer = Coalescer(CachePolicy(settings.llm), cache, metrics)
         app.state.resources = Resources(
             settings=settings,
             metrics=metrics,
             registry=registry,
-            generation=GenerationService(registry, metrics, settings.llm.default_max_tokens),
+            generation=GenerationService(
+                registry, metrics, settings.llm.default_max_tokens, coalescer=coalescer, tracer=tracer
+            ),
             started_at=time.time(),
+            cache=cache,
+            tracer=tracer,
         )
         log.info(
             "service_starting",
@@ -85,7 +95,12 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             yield
         finally:
             log.info("service_stopping")
-            await registry.close()
+            try:
+                await coalescer.close()
+                await registry.close()
+            finally:
+                await cache.close()
+                await tracer.close()
 
     app = FastAPI(
         title="llm-service",
@@ -97,4 +112,5 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.add_middleware(RequestIdMiddleware)
     app.include_router(generate.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
     return app

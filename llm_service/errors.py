@@ -21,6 +21,7 @@ class ServiceError(Exception):
 
     status_code = 500
     error_type = "internal_error"
+    trace_id: str | None = None  # the failed request's trace, sent back as X-Trace-ID
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -100,6 +101,8 @@ def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) 
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if error.trace_id:
+        headers["X-Trace-ID"] = error.trace_id
     return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
+from llm_service.coalesce import Coalescer
 from llm_service.engines.base import (
     Engine,
     GenerationDelta,
@@ -23,6 +25,7 @@ from llm_service.engines.base import (
 from llm_service.errors import InvalidRequest, ServiceError, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
 
@@ -82,8 +85,19 @@ class GenerationStream:
     delta, so every error a client can get as an HTTP status has happened by then.
     """
 
-    def __init__(self, service: GenerationService, result: GenerationResult) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        result: GenerationResult,
+        trace: Trace = NO_TRACE,
+        counts_request: bool = True,
+    ) -> None:
         self.result = result
+        self.trace = trace
+        self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
+        self.ran_engine = False
+        self._counts_request = counts_request  # False for a generation shared by coalesced requests
+        self._error: str | None = None
         self._service = service
         self._stack = contextlib.AsyncExitStack()
         self._deltas: AsyncIterator[GenerationDelta] | None = None
@@ -98,7 +112,11 @@ class GenerationStream:
 
     async def start(self, engine: Engine, request: GenerationRequest) -> None:
         """Start the engine's generation and wait for its first delta."""
-        deltas = engine.generate(request)
+        self.ran_engine = True
+        await self.replay(engine.generate(request))
+
+    async def replay(self, deltas: AsyncIterator[GenerationDelta]) -> None:
+        """Serve `deltas` (the engine's, a cache entry's, or a shared generation's); wait for the first."""
         self._stack.push_async_callback(_aclose, deltas)
         self._deltas = deltas
         self._first = await anext(deltas, None)
@@ -143,6 +161,7 @@ class GenerationStream:
     async def fail(self, error: ServiceError, cause: BaseException) -> None:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
         self._outcome = _status_label(error)
+        self._error = error.message
         await self.aclose(cause)
 
     async def aclose(self, cause: BaseException | None = None) -> None:
@@ -156,8 +175,18 @@ class GenerationStream:
             else:
                 await self._stack.__aexit__(type(cause), cause, cause.__traceback__)
         finally:
-            self.result.total_time = time.perf_counter() - self._started
-            self._service.record(self.result, self._outcome, ran_engine=self._deltas is not None)
+            result = self.result
+            result.total_time = time.perf_counter() - self._started
+            self._service.record(result, self._outcome, self.ran_engine, self._counts_request)
+            self.trace.end(
+                outputs=[c.text for c in result.choices],
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                time_to_first_token=result.time_to_first_token,
+                cache=self.cache_status,
+                outcome=self._outcome,
+                error=self._error,
+            )
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:
@@ -169,10 +198,19 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
 class GenerationService:
     """Turns a GenerationSpec into engine work on a slot the registry hands out."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        default_max_tokens: int,
+        coalescer: Coalescer | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
+        self.coalescer = coalescer  # None: no response cache, no coalescing
+        self.tracer = tracer or NoTracer()
 
     async def open(self, spec: GenerationSpec) -> GenerationStream:
         """Acquire the slot, render and check the prompt, start the engine, await the first delta.
@@ -182,18 +220,65 @@ class GenerationService:
         """
         slot = self.registry.find(spec.slot)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
-        stream = GenerationStream(self, result)
+        trace = self.tracer.start(
+            request_id=spec.request_id,
+            slot=slot.name,
+            model_id=slot.config.model_id,
+            input=spec.messages if spec.messages is not None else spec.prompt,
+            sampling=spec.sampling,
+        )
+        result.trace_id = trace.trace_id
+        stream = GenerationStream(self, result, trace)
+        # The key needs only the request and the slot's configuration: a hit loads no model.
+        coalescer = self.coalescer
+        plan = None
+        if coalescer is not None:
+            plan = coalescer.plan(spec.cache, spec.sampling, spec.prompt, spec.messages, slot.config)
+        if coalescer is None or plan is None:
+            return await self._opened(stream, self._start(stream, spec))
+        return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
+
+    async def _serve(
+        self, stream: GenerationStream, spec: GenerationSpec, coalescer: Coalescer, plan: CachePlan
+    ) -> None:
+        """A cacheable request: from the cache, from an identical request's generation, or from
+        a new generation that identical requests arriving meanwhile share."""
+        result = stream.result
+
+        async def open_engine() -> tuple[str, GenerationStream]:
+            shared_result = dataclasses.replace(result, choices=[], trace_id=None)
+            # The request count is each reader's; the engine's work is counted once, here.
+            shared = GenerationStream(self, shared_result, counts_request=False)
+            await self._opened(shared, self._start(shared, spec))
+            return shared.result.prompt, shared
+
+        served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
+        result.cached = served.cached
+        stream.cache_status = served.cache_status
+        await stream.replay(served.deltas)
+        result.prompt = served.prompt
+
+    async def _start(self, stream: GenerationStream, spec: GenerationSpec) -> None:
+        """Acquire the slot, render and check the prompt, start the engine."""
+        engine = await stream.enter(self.registry.acquire(stream.result.slot))
+        stream.result.prompt = self._prompt(engine, spec)
+        sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
+        await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))
+
+    async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
+        """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
         try:
-            engine = await stream.enter(self.registry.acquire(slot.name))
-            result.prompt = self._prompt(engine, spec)
-            sampling = self._bounded(engine, result.prompt, spec.sampling)
-            await stream.start(engine, GenerationRequest(spec.request_id, result.prompt, sampling))
+            await opening
         except Exception as exc:
             error = to_service_error(exc)
+            error.trace_id = stream.result.trace_id
             await stream.fail(error, exc)
             if error is exc:
                 raise
             raise error from exc
+        except BaseException:  # cancelled (the client left): still release the slot
+            await stream.aclose()
+            raise
         return stream
 
     async def complete(self, spec: GenerationSpec) -> GenerationResult:
@@ -225,10 +310,13 @@ class GenerationService:
             return sampling
         return dataclasses.replace(sampling, max_tokens=max_tokens)
 
-    def record(self, result: GenerationResult, outcome: str, ran_engine: bool) -> None:
+    def record(
+        self, result: GenerationResult, outcome: str, ran_engine: bool, counts_request: bool = True
+    ) -> None:
         """Count one request, and the engine's work if it ran, in the metrics."""
         m, slot = self.metrics, result.slot
-        m.requests.labels(model=slot, status=outcome).inc()
+        if counts_request:
+            m.requests.labels(model=slot, status=outcome).inc()
         if not ran_engine:
             return
         m.engine_generations.labels(model=slot).inc()

@@ -68,6 +68,23 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "llm_cache_hits", "Requests answered from the response cache.", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "llm_cache_misses", "Cacheable requests the response cache could not answer.", ["model"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "llm_cache_errors",
+            "Failed Redis operations or unreadable entries (each a miss or a lost write).",
+            ["operation"],
+            registry=r,
+        )
+        self.cache_coalesced = Counter(
+            "llm_cache_coalesced", "Requests served by another identical request's generation.", ["model"],
+            registry=r,
+        )
 
     def init_slot(self, slot: str) -> None:
         """Create a slot's series at zero so dashboards see them before the first request."""
@@ -84,6 +101,9 @@ class Metrics:
             self.evictions,
             self.idle_unloads,
             self.engine_generations,
+            self.cache_hits,
+            self.cache_misses,
+            self.cache_coalesced,
         ):
             collector.labels(model=slot)
         self.requests.labels(model=slot, status="success")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
@@ -100,6 +100,21 @@ class LLMSettings(BaseSettings):
         30.0, ge=0, description="Back-off before a failed slot is loaded again."
     )
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
+    cache_enabled: bool = Field(
+        True,
+        description="Answer reproducible requests from the Redis response cache and coalesce identical ones.",
+    )
+    cache_ttl_seconds: int = Field(
+        3600,
+        ge=1,
+        description="Default lifetime of a cached response (a request's max-age or cache.ttl overrides it).",
+    )
+    cache_max_entry_bytes: int = Field(
+        1_048_576, ge=1024, description="Responses whose cache entry is larger than this are not stored."
+    )
+    cache_namespace: str = Field(
+        "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
+    )
 
     @field_validator("preload_models", mode="before")
     @classmethod
@@ -148,6 +163,51 @@ class RedisSettings(BaseSettings):
 
     host: str = Field("localhost", description="Redis host.")
     port: int = Field(6379, ge=1, le=65535, description="Redis port.")
+    db: int = Field(0, ge=0, description="Redis database number.")
+    password: SecretStr | None = Field(None, description="Redis password (AUTH).")
+    password_file: Path | None = Field(
+        None, description="File holding the Redis password (a mounted secret); instead of REDIS_PASSWORD."
+    )
+    tls: bool = Field(False, description="Connect to Redis over TLS.")
+    tls_ca_file: Path | None = Field(None, description="CA bundle that verifies Redis's TLS certificate.")
+    socket_timeout_seconds: float = Field(
+        0.25, gt=0, le=10, description="Longest wait for one Redis reply; a slower Redis counts as a miss."
+    )
+    connect_timeout_seconds: float = Field(
+        0.5, gt=0, le=10, description="Longest wait for a Redis connection."
+    )
+    breaker_failures: int = Field(
+        3, ge=1, description="Consecutive Redis errors after which the cache stops asking Redis for a while."
+    )
+    breaker_cooldown_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long the cache leaves Redis alone after repeated errors before trying again.",
+    )
+
+    @field_validator("password_file")
+    @classmethod
+    def _read_password_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if info.data.get("password") is not None:
+            raise ValueError("set REDIS_PASSWORD or REDIS_PASSWORD_FILE, not both")
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    def secret(self) -> str | None:
+        """The password, from REDIS_PASSWORD or read from REDIS_PASSWORD_FILE."""
+        if self.password_file is not None:
+            return self.password_file.read_text().strip() or None
+        return self.password.get_secret_value() if self.password is not None else None
 
 
 class LangfuseSettings(BaseSettings):
@@ -157,17 +217,38 @@ class LangfuseSettings(BaseSettings):
 
     enabled: bool = Field(False, description="Send a trace per request to Langfuse.")
     host: str = Field("http://localhost:3000", description="Langfuse base URL.")
-    public_key: str | None = Field(None, description="Langfuse public key (pk-...).")
-    secret_key: str | None = Field(None, description="Langfuse secret key (sk-...).")
+    public_key: str | None = Field(None, validate_default=True, description="Langfuse public key (pk-...).")
+    secret_key: SecretStr | None = Field(
+        None, validate_default=True, description="Langfuse secret key (sk-...)."
+    )
+    capture_content: bool = Field(
+        True,
+        description="Send prompts and outputs with traces; false keeps only ids, timings, usage, parameters.",
+    )
+    timeout: int = Field(5, ge=1, le=60, description="Seconds one export request to Langfuse may take.")
+    flush_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between background exports of traces."
+    )
+    flush_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Longest wait at shutdown for the last traces to be exported."
+    )
+
+    @field_validator("public_key", "secret_key")
+    @classmethod
+    def _keys_when_enabled(cls, value: Any, info: ValidationInfo) -> Any:
+        # Only a missing key is reported: the error message never carries a secret.
+        if info.data.get("enabled") and not value:
+            raise ValueError("LANGFUSE_ENABLED=true needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY")
+        return value
 
 
 class Settings(BaseModel):
     """The whole configuration; build with `load_settings()` from the environment."""
 
-    app: AppSettings = Field(default_factory=AppSettings)
-    llm: LLMSettings = Field(default_factory=LLMSettings)
-    redis: RedisSettings = Field(default_factory=RedisSettings)
-    langfuse: LangfuseSettings = Field(default_factory=LangfuseSettings)
+    app: AppSettings = Field(default_factory=lambda: AppSettings())
+    llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
+    langfuse: LangfuseSettings = Field(default_factory=lambda: LangfuseSettings())
 
 
 _SECTIONS: dict[str, type[BaseSettings]] = {

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from llm_service.cache import NoCache, ResponseCache
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.settings import Settings
+from llm_service.tracing import NoTracer, Tracer
 
 
 @dataclass
@@ -22,6 +24,8 @@ class Resources:
     registry: ModelRegistry
     generation: GenerationService
     started_at: float
+    cache: ResponseCache = field(default_factory=NoCache)
+    tracer: Tracer = field(default_factory=NoTracer)
 
 
 def get_resources(request: Request) -> Resources:

@@ -32,8 +32,8 @@ def overall_status(registry: ModelRegistry, dependencies: dict[str, dict[str, An
 async def health(resources: ResourcesDep) -> JSONResponse:
     registry = resources.registry
     services: dict[str, dict[str, Any]] = {
-        "redis": {"status": "disabled"},
-        "langfuse": {"status": "disabled"},
+        "redis": await resources.cache.health(),
+        "langfuse": resources.tracer.health(),
     }
     status = overall_status(registry, services)
     body = {

@@ -17,7 +17,10 @@ import pytest
 
 from llm_service.settings import DEMO_MODEL_DIR
 
+from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
+
 ROOT = Path(__file__).resolve().parents[2]
+KV_CACHE_ARGS = '{"kv_cache_memory_bytes": 536870912}'  # 512 MiB per engine
 READY_TIMEOUT = 600.0  # seconds; an engine starts in about 30 s here, under load slower
 
 
@@ -147,10 +150,16 @@ def base_env(**overrides: str) -> dict[str, str]:
         "LLM_MAX_MODEL_LEN_STANDARD": "2048",
         "LLM_MAX_MODEL_LEN_LONGCTX": "4096",
         "LLM_MAX_MODEL_LEN_MULTIMODAL": "1024",
-        "LLM_MEMORY_SHARE_STANDARD": "0.3",
-        "LLM_MEMORY_SHARE_LONGCTX": "0.3",
-        "LLM_MEMORY_SHARE_MULTIMODAL": "0.3",
-        "LLM_GPU_MEMORY_UTILIZATION": "0.9",
+        # On the CPU a share is a fraction of NUMA node 0, whose size varies between machines
+        # (and, on these VMs, over time): small shares plus a fixed KV cache per engine keep
+        # the tests' memory use the same everywhere.
+        "LLM_MEMORY_SHARE_STANDARD": "0.15",
+        "LLM_MEMORY_SHARE_LONGCTX": "0.15",
+        "LLM_MEMORY_SHARE_MULTIMODAL": "0.15",
+        "LLM_ENGINE_ARGS_STANDARD": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_LONGCTX": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_MULTIMODAL": KV_CACHE_ARGS,
+        "LLM_GPU_MEMORY_UTILIZATION": "0.45",
         "LLM_PRELOAD_MODELS": "standard",
         "LLM_IDLE_UNLOAD_SECONDS": "0",
         "LLM_LOAD_WAIT_SECONDS": "300",
@@ -170,9 +179,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_server: RedisServer) -> dict[str, str]:
-    """The shared service's environment; fixtures of other suites may add to it."""
-    return base_env(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_server.port))
+def service_env(
+    redis_server: RedisServer,
+    otlp_receiver: OTLPReceiver,  # noqa: F811 (the fixture imported above)
+) -> dict[str, str]:
+    """The shared service's environment; fixtures of other suites may add to it.
+    It caches in `redis_server` and traces to `otlp_receiver` (a local Langfuse stand-in)."""
+    redis_env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_server.port)}
+    return base_env(**redis_env, **otlp_receiver.service_env())
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ def fake_settings(**llm: Any) -> Settings:
         "max_model_len_multimodal": 512,
         "gpu_memory_utilization": 0.6,
         "preload_models": ["standard"],
+        "cache_enabled": False,  # the cache suites turn it on against their own redis-server
     }
     base.update(llm)
     return Settings(app=AppSettings(env="test"), llm=LLMSettings(**base))

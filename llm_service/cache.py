@@ -1,0 +1,393 @@
+"""Response cache: which requests are cacheable, their key, the stored entry, and the Redis store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from llm_service.cache_control import CacheControl
+from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob
+from llm_service.metrics import Metrics
+from llm_service.settings import LLMSettings, RedisSettings, Settings
+
+log = structlog.get_logger(__name__)
+
+# Bump when the key material or the entry format changes: old entries then simply miss.
+SCHEMA_VERSION = 1
+
+T = TypeVar("T")
+
+
+# --- which requests, under which key ------------------------------------------------------
+@dataclass(frozen=True)
+class CachePlan:
+    """What the cache may do for one request."""
+
+    key: str
+    read: bool  # look the key up (False: Cache-Control no-cache)
+    store: bool  # store the result (False: no-store)
+    ttl: int  # seconds the stored entry lives
+
+
+def reproducible(sampling: SamplingOptions) -> bool:
+    """Greedy or seeded sampling gives the same output for the same input."""
+    return sampling.temperature == 0 or sampling.seed is not None
+
+
+def cache_key(
+    namespace: str,
+    config: EngineConfig,
+    sampling: SamplingOptions,
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    default_max_tokens: int,
+) -> str:
+    """`{namespace}:response:v{schema}:{slot}:{sha256}` over everything that changes the output.
+
+    Computed from the raw request and the slot's configuration, never from the engine, so a
+    hit needs no loaded model. max_tokens 0 ("the default, capped by the context") is resolved
+    by the engine from default_max_tokens and max_model_len, so both are part of the key.
+    """
+    params = dataclasses.asdict(sampling)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        params[name] = float(params[name])  # 0 and 0.0 are the same request
+    material = {
+        "schema": SCHEMA_VERSION,
+        "slot": config.slot,
+        "model": config.model_id,
+        "revision": config.revision,
+        "max_model_len": config.max_model_len,
+        "engine_args": config.extra_args,
+        "default_max_tokens": default_max_tokens,
+        "prompt": prompt,
+        "messages": messages,
+        "sampling": params,
+    }
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return f"{namespace}:response:v{SCHEMA_VERSION}:{config.slot}:{digest}"
+
+
+class CachePolicy:
+    """Decides per request whether and how the response cache takes part (LLM_CACHE_*)."""
+
+    def __init__(self, llm: LLMSettings) -> None:
+        self.enabled = llm.cache_enabled
+        self.namespace = llm.cache_namespace
+        self.default_ttl = llm.cache_ttl_seconds
+        self.default_max_tokens = llm.default_max_tokens
+
+    def plan(
+        self,
+        control: CacheControl,
+        sampling: SamplingOptions,
+        prompt: str | None,
+        messages: list[dict[str, Any]] | None,
+        config: EngineConfig,
+    ) -> CachePlan | None:
+        """None: the request bypasses the cache (and coalescing) entirely."""
+        if not self.enabled or control.force is False:
+            return None
+        if not (control.force or reproducible(sampling)):
+            return None
+        if control.no_cache and control.no_store:
+            return None
+        key = cache_key(self.namespace, config, sampling, prompt, messages, self.default_max_tokens)
+        ttl = control.ttl or self.default_ttl
+        return CachePlan(key, read=not control.no_cache, store=not control.no_store, ttl=ttl)
+
+
+# --- the stored entry ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CachedChoice:
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    """A finished generation as stored: every choice complete, no request-specific fields."""
+
+    model_id: str
+    prompt: str
+    prompt_tokens: int
+    choices: tuple[CachedChoice, ...]
+    created: float
+
+    @classmethod
+    def from_deltas(cls, deltas: list[GenerationDelta], model_id: str, prompt: str) -> CachedResponse | None:
+        """Fold a generation's deltas into an entry; None when a choice did not finish properly."""
+        texts: dict[int, list[str]] = {}
+        last: dict[int, GenerationDelta] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        for delta in deltas:
+            texts.setdefault(delta.index, []).append(delta.text)
+            logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+            last[delta.index] = delta
+        if not last or sorted(last) != list(range(len(last))):
+            return None
+        if any(d.finish_reason in (None, "abort") for d in last.values()):
+            return None
+        choices = tuple(
+            CachedChoice(
+                i, "".join(texts[i]), last[i].finish_reason, last[i].completion_tokens, tuple(logprobs[i])
+            )
+            for i in range(len(last))
+        )
+        prompt_tokens = max(d.prompt_tokens for d in last.values())
+        return cls(model_id, prompt, prompt_tokens, choices, time.time())
+
+    def deltas(self) -> list[GenerationDelta]:
+        """The entry as a stream: one delta per choice, carrying its whole text."""
+        return [
+            GenerationDelta(
+                c.index, c.text, c.completion_tokens, self.prompt_tokens, c.finish_reason, c.logprobs
+            )
+            for c in self.choices
+        ]
+
+    def encode(self) -> bytes:
+        body = {
+            "v": SCHEMA_VERSION,
+            "model_id": self.model_id,
+            "prompt": self.prompt,
+            "prompt_tokens": self.prompt_tokens,
+            "created": self.created,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "completion_tokens": c.completion_tokens,
+                    "logprobs": [[lp.token, lp.logprob, [list(t) for t in lp.top]] for lp in c.logprobs],
+                }
+                for c in self.choices
+            ],
+        }
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> CachedResponse:
+        """Raises ValueError for anything that is not an entry of this schema."""
+        try:
+            body = json.loads(data)
+            if body.get("v") != SCHEMA_VERSION:
+                raise ValueError(f"entry schema {body.get('v')!r}, expected {SCHEMA_VERSION}")
+            choices = tuple(
+                CachedChoice(
+                    index=int(c["index"]),
+                    text=str(c["text"]),
+                    finish_reason=c["finish_reason"],
+                    completion_tokens=int(c["completion_tokens"]),
+                    logprobs=tuple(
+                        TokenLogprob(str(tok), float(lp), tuple((str(t), float(v)) for t, v in top))
+                        for tok, lp, top in c["logprobs"]
+                    ),
+                )
+                for c in body["choices"]
+            )
+            return cls(
+                str(body["model_id"]),
+                str(body["prompt"]),
+                int(body["prompt_tokens"]),
+                choices,
+                float(body["created"]),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"unreadable cache entry: {exc}") from exc
+
+
+# --- the store ----------------------------------------------------------------------------
+class ResponseCache(Protocol):
+    """Where finished responses live. Never raises: a failure is a miss or a lost write."""
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """The entry under `key`, or None (absent, unreadable, or the store is unavailable)."""
+
+    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+        """Store `entry` for `ttl` seconds; False when it was not stored."""
+
+    async def health(self) -> dict[str, Any]:
+        """{"status": "up" | "down" | "disabled", ...} for /health."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class NoCache:
+    """The cache when LLM_CACHE_ENABLED=false: nothing is read or stored."""
+
+    async def get(self, key: str) -> CachedResponse | None:
+        return None
+
+    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+        return False
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "disabled"}
+
+    async def close(self) -> None:
+        return None
+
+
+class CircuitBreaker:
+    """After `failures` consecutive errors, stop calling for `cooldown` seconds; then let one
+    probe through: its success closes the breaker, its failure opens it again."""
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probe_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        return "half-open" if self._clock() - self._opened_at >= self.cooldown else "open"
+
+    def allow(self) -> bool:
+        if self._opened_at is None:
+            return True
+        now = self._clock()
+        if now - self._opened_at < self.cooldown:
+            return False
+        # One probe at a time; a probe that never reported back (cancelled) expires.
+        if self._probe_at is not None and now - self._probe_at < self.cooldown:
+            return False
+        self._probe_at = now
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._probe_at = None
+
+    def failure(self) -> bool:
+        """Count an error; True when this one opened the breaker."""
+        self._failures += 1
+        was_open = self._opened_at is not None
+        if was_open or self._failures >= self.threshold:
+            self._opened_at = self._clock()
+            self._probe_at = None
+            return not was_open
+        return False
+
+
+class RedisCache:
+    """The response cache in Redis: short timeouts, no retry storms, a circuit breaker."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        metrics: Metrics,
+        max_entry_bytes: int,
+        client: Redis | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.address = f"{settings.host}:{settings.port}/{settings.db}"
+        self.max_entry_bytes = max_entry_bytes
+        self._metrics = metrics
+        self._breaker = breaker or CircuitBreaker(
+            settings.breaker_failures, settings.breaker_cooldown_seconds
+        )
+        # An outer bound on one operation, whatever redis-py does inside it.
+        self._deadline = 2 * (settings.connect_timeout_seconds + settings.socket_timeout_seconds)
+        self._last_error: str | None = None
+        self._client = client or Redis(
+            host=settings.host,
+            port=settings.port,
+            db=settings.db,
+            password=settings.secret(),
+            ssl=settings.tls,
+            ssl_ca_certs=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+            socket_timeout=settings.socket_timeout_seconds,
+            socket_connect_timeout=settings.connect_timeout_seconds,
+            # redis-py 8 retries 10 times by default; one immediate retry on a connection error
+            # replaces a pooled connection that died with a restarted Redis, timeouts never retry.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            client_name="llm-service",
+        )
+
+    async def get(self, key: str) -> CachedResponse | None:
+        data = await self._call("get", lambda: self._client.get(key))
+        if data is None:
+            return None
+        try:
+            return CachedResponse.decode(data.encode() if isinstance(data, str) else data)
+        except ValueError as exc:
+            self._metrics.cache_errors.labels(operation="decode").inc()
+            log.warning("cache_entry_unreadable", key=key, error=str(exc))
+            return None
+
+    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+        data = entry.encode()
+        if len(data) > self.max_entry_bytes:
+            log.info("cache_entry_too_large", bytes=len(data), limit=self.max_entry_bytes)
+            return False
+        return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl)))
+
+    async def health(self) -> dict[str, Any]:
+        pong = await self._call("ping", self._client.ping)
+        return {
+            "status": "up" if pong else "down",
+            "address": self.address,
+            "circuit": self._breaker.state,
+            "last_error": self._last_error,
+        }
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError) as exc:
+            log.warning("cache_close_failed", error=str(exc))
+
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one Redis call; None when the breaker is open or the call failed."""
+        if not self._breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(self._deadline):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(operation, exc)
+            return None
+        self._breaker.success()
+        self._last_error = None
+        return result
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self._metrics.cache_errors.labels(operation=operation).inc()
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        opened = self._breaker.failure()
+        log.warning(
+            "cache_unavailable" if opened else "cache_error",
+            operation=operation,
+            error=self._last_error,
+            retry_in=self._breaker.cooldown if opened else None,
+        )
+
+
+def build_cache(settings: Settings, metrics: Metrics) -> ResponseCache:
+    """The store the lifespan owns: Redis when the cache is enabled, else the no-op."""
+    if not settings.llm.cache_enabled:
+        return NoCache()
+    return RedisCache(settings.redis, metrics, settings.llm.cache_max_entry_bytes)
