@@ -16,26 +16,20 @@ class ChatMessage(BaseModel):
     content: str = Field(description="The message text.")
 
 
-class SamplingFields(BaseModel):
-    """Sampling parameters shared by every generation surface."""
+MAX_STOP = 16
 
-    max_tokens: int | None = Field(
-        None, ge=1, description="Most tokens to generate; default LLM_DEFAULT_MAX_TOKENS, capped by the context."
-    )
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (and cacheable).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; -1/0/None = all.")
+
+class StopSequences(BaseModel):
+    """The `stop` field, shared by every surface: a string or a list of non-empty strings."""
+
     stop: str | list[str] | None = Field(None, description="Text that ends generation (not included).")
-    seed: int | None = Field(None, description="Seed for reproducible sampling (makes the request cacheable).")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty for tokens already present.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty by token frequency.")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(item == "" for item in items):
             raise ValueError("stop sequences must not be empty")
         return value
@@ -44,6 +38,20 @@ class SamplingFields(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class SamplingFields(StopSequences):
+    """Sampling parameters of /generate."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; default LLM_DEFAULT_MAX_TOKENS, capped by the context."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (and cacheable).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; -1/0/None = all.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling (makes the request cacheable).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty for tokens already present.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty by token frequency.")
 
 
 class GenerateRequest(SamplingFields):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llm_service.cache_control import CacheOptions
-from llm_service.schemas import Usage
+from llm_service.schemas import StopSequences, Usage
 
 # n multiplies the engine work of one request; OpenAI allows 128, one small slot serves fewer.
 MAX_N = 16
-MAX_STOP = 16
 
 
 class StreamOptions(BaseModel):
@@ -56,7 +55,7 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class OpenAISampling(BaseModel):
+class OpenAISampling(StopSequences):
     """Fields shared by chat and text completions. null means the default, as in OpenAI's API;
     unknown fields are ignored (clients send extras)."""
 
@@ -70,7 +69,6 @@ class OpenAISampling(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int | None = Field(None, ge=-1, description="Extension (as vLLM): sample from the k most likely.")
     n: int | None = Field(None, ge=1, le=MAX_N, description=f"Choices to generate (at most {MAX_N}).")
-    stop: str | list[str] | None = Field(None, description="Text that ends a choice (not included).")
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty for present tokens.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty by token frequency.")
@@ -79,21 +77,6 @@ class OpenAISampling(BaseModel):
     stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with data: [DONE].")
     stream_options: StreamOptions | None = Field(None, description="Options of a streamed response.")
     cache: CacheOptions | None = Field(None, description="Extension: cache controls, as in /generate.")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(item == "" for item in items):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
-    def stop_tuple(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def include_usage(self) -> bool:
