@@ -180,8 +180,9 @@ class ModelRegistry:
                 slot.load_task.cancel()
                 with contextlib.suppress(BaseException):
                     await slot.load_task
-            if slot.engine is not None:
-                await self._unload(slot, reason="shutdown")
+        # Engines stop in parallel: each takes seconds, and the pod's grace period is finite.
+        loaded = [slot for slot in self._slots.values() if slot.engine is not None]
+        await asyncio.gather(*(self._unload(slot, reason="shutdown") for slot in loaded))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
