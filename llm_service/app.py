@@ -11,7 +11,7 @@ import structlog
 from fastapi import FastAPI
 
 from llm_service import __version__
-from llm_service.api import generate, health, openai
+from llm_service.api import admin, generate, health, openai
 from llm_service.api.deps import Resources
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
@@ -113,4 +113,5 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.include_router(generate.router)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(admin.router)
     return app

@@ -35,6 +35,16 @@ class InvalidRequest(ServiceError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    error_type = "forbidden"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     error_type = "model_not_found"

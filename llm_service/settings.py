@@ -38,6 +38,9 @@ class AppSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="Address uvicorn binds to.")
     port: int = Field(8002, ge=1, le=65535, description="Port uvicorn listens on.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the /admin API (load and unload slots); unset disables it."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,43 @@
+"""/admin: load and unload slots by hand (for operators; needs APP_ADMIN_TOKEN)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header
+
+from llm_service.api.deps import RegistryDep, SettingsDep
+from llm_service.errors import Forbidden, Unauthorized
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Allow the request only with `Authorization: Bearer <APP_ADMIN_TOKEN>`."""
+    token = settings.app.admin_token
+    if token is None:
+        raise Forbidden("the admin API is disabled: set APP_ADMIN_TOKEN to enable it")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized("a valid 'Authorization: Bearer <APP_ADMIN_TOKEN>' header is required")
+
+
+AdminDep = Depends(require_admin)
+
+
+@router.get("/models", dependencies=[AdminDep], summary="Every slot's state, share and error")
+async def list_slots(registry: RegistryDep) -> dict[str, Any]:
+    return {"budget": registry.budget, "used": registry.used_share(), "models": registry.snapshot()}
+
+
+@router.post("/models/{slot}/load", dependencies=[AdminDep], summary="Load a slot now (evicting if needed)")
+async def load_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
+    await registry.load(slot)
+    return {"model": slot, **registry.snapshot()[slot]}
+
+
+@router.post("/models/{slot}/unload", dependencies=[AdminDep], summary="Unload a slot once its requests end")
+async def unload_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
+    unloaded = await registry.unload(slot)
+    return {"model": slot, "unloaded": unloaded, **registry.snapshot()[slot]}
