@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -111,6 +111,30 @@ class CachePolicy:
 
 
 # --- the stored entry ---------------------------------------------------------------------
+class FinishedChoice(Protocol):
+    @property
+    def index(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def logprobs(self) -> Sequence[TokenLogprob]: ...
+
+
+class FinishedGeneration(Protocol):
+    """What an entry is made from (generation.GenerationResult, folded from the deltas)."""
+
+    model_id: str
+    prompt: str
+    prompt_tokens: int
+
+    @property
+    def choices(self) -> Sequence[FinishedChoice]: ...
+
+
 @dataclass(frozen=True)
 class CachedChoice:
     index: int
@@ -131,27 +155,21 @@ class CachedResponse:
     created: float
 
     @classmethod
-    def from_deltas(cls, deltas: list[GenerationDelta], model_id: str, prompt: str) -> CachedResponse | None:
-        """Fold a generation's deltas into an entry; None when a choice did not finish properly."""
-        texts: dict[int, list[str]] = {}
-        last: dict[int, GenerationDelta] = {}
-        logprobs: dict[int, list[TokenLogprob]] = {}
-        for delta in deltas:
-            texts.setdefault(delta.index, []).append(delta.text)
-            logprobs.setdefault(delta.index, []).extend(delta.logprobs)
-            last[delta.index] = delta
-        if not last or sorted(last) != list(range(len(last))):
+    def from_result(cls, result: FinishedGeneration) -> CachedResponse | None:
+        """The entry of a finished generation; None when a choice did not finish properly."""
+        choices = result.choices
+        if not choices or any(c.finish_reason in (None, "abort") for c in choices):
             return None
-        if any(d.finish_reason in (None, "abort") for d in last.values()):
-            return None
-        choices = tuple(
-            CachedChoice(
-                i, "".join(texts[i]), last[i].finish_reason, last[i].completion_tokens, tuple(logprobs[i])
-            )
-            for i in range(len(last))
+        return cls(
+            result.model_id,
+            result.prompt,
+            result.prompt_tokens,
+            tuple(
+                CachedChoice(c.index, c.text, c.finish_reason, c.completion_tokens, tuple(c.logprobs))
+                for c in choices
+            ),
+            time.time(),
         )
-        prompt_tokens = max(d.prompt_tokens for d in last.values())
-        return cls(model_id, prompt, prompt_tokens, choices, time.time())
 
     def deltas(self) -> list[GenerationDelta]:
         """The entry as a stream: one delta per choice, carrying its whole text."""

@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
-from llm_service.cache import CachedResponse, CachePlan, CachePolicy, ResponseCache
-from llm_service.cache_control import CacheControl
-from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions
+from llm_service.cache import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
+from llm_service.engines.base import GenerationDelta
 from llm_service.errors import ServiceError, to_service_error
 from llm_service.metrics import Metrics
 
@@ -20,16 +19,20 @@ log = structlog.get_logger(__name__)
 
 
 class EngineRun(Protocol):
-    """An opened engine generation (a GenerationStream): iterate for deltas; aclose releases it."""
+    """An opened engine generation (a GenerationStream): iterate for deltas; aclose releases it;
+    `result` holds the deltas folded into choices."""
+
+    @property
+    def result(self) -> FinishedGeneration: ...
 
     def __aiter__(self) -> AsyncIterator[GenerationDelta]: ...
 
     async def aclose(self, cause: BaseException | None = None) -> None: ...
 
 
-# Opens the engine generation of a flight: returns the rendered prompt and the opened run.
+# Opens the engine generation of a flight (its result carries the rendered prompt).
 # Raises what GenerationService.open raises (ServiceError subclasses).
-OpenEngine = Callable[[], Awaitable[tuple[str, EngineRun]]]
+OpenEngine = Callable[[], Awaitable[EngineRun]]
 
 
 class Flight:
@@ -157,16 +160,6 @@ class Coalescer:
         self._flights: dict[str, Flight] = {}
         self._running: set[asyncio.Task[None]] = set()
 
-    def plan(
-        self,
-        control: CacheControl,
-        sampling: SamplingOptions,
-        prompt: str | None,
-        messages: list[dict[str, Any]] | None,
-        config: EngineConfig,
-    ) -> CachePlan | None:
-        return self.policy.plan(control, sampling, prompt, messages, config)
-
     def in_flight(self) -> int:
         return len(self._flights)
 
@@ -232,7 +225,8 @@ class Coalescer:
         run: EngineRun | None = None
         try:
             try:
-                flight.prompt, run = await open_engine()
+                run = await open_engine()
+                flight.prompt = run.result.prompt
                 async for delta in run:
                     flight.publish(delta)
             except Exception as exc:
@@ -243,12 +237,12 @@ class Coalescer:
                     await run.aclose()  # idempotent; releases the slot if iteration never began
             flight.finish()
             if flight.store:
-                await self._store(flight)
+                await self._store(flight, run.result)
         finally:
             self._forget(flight)
 
-    async def _store(self, flight: Flight) -> None:
-        entry = CachedResponse.from_deltas(flight.deltas, flight.model_id, flight.prompt)
+    async def _store(self, flight: Flight, result: FinishedGeneration) -> None:
+        entry = CachedResponse.from_result(result)
         if entry is None:
             return
         try:

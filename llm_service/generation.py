@@ -66,6 +66,18 @@ class GenerationResult:
     cached: bool = False
     trace_id: str | None = None
 
+    def add(self, delta: GenerationDelta) -> None:
+        """Fold one delta into its choice."""
+        while len(self.choices) <= delta.index:
+            self.choices.append(Choice(index=len(self.choices)))
+        choice = self.choices[delta.index]
+        choice.text += delta.text
+        choice.completion_tokens = delta.completion_tokens
+        choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+        self.prompt_tokens = delta.prompt_tokens
+
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
         headers = {"X-Cache": "HIT" if self.cached else "MISS"}
@@ -145,18 +157,9 @@ class GenerationStream:
             await self.aclose()
 
     def _record(self, delta: GenerationDelta) -> None:
-        result = self.result
-        if result.time_to_first_token is None:
-            result.time_to_first_token = time.perf_counter() - self._started
-        while len(result.choices) <= delta.index:
-            result.choices.append(Choice(index=len(result.choices)))
-        choice = result.choices[delta.index]
-        choice.text += delta.text
-        choice.completion_tokens = delta.completion_tokens
-        choice.logprobs.extend(delta.logprobs)
-        if delta.finish_reason is not None:
-            choice.finish_reason = delta.finish_reason
-        result.prompt_tokens = delta.prompt_tokens
+        if self.result.time_to_first_token is None:
+            self.result.time_to_first_token = time.perf_counter() - self._started
+        self.result.add(delta)
 
     async def fail(self, error: ServiceError, cause: BaseException) -> None:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
@@ -233,7 +236,7 @@ class GenerationService:
         coalescer = self.coalescer
         plan = None
         if coalescer is not None:
-            plan = coalescer.plan(spec.cache, spec.sampling, spec.prompt, spec.messages, slot.config)
+            plan = coalescer.policy.plan(spec.cache, spec.sampling, spec.prompt, spec.messages, slot.config)
         if coalescer is None or plan is None:
             return await self._opened(stream, self._start(stream, spec))
         return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
@@ -245,12 +248,12 @@ class GenerationService:
         a new generation that identical requests arriving meanwhile share."""
         result = stream.result
 
-        async def open_engine() -> tuple[str, GenerationStream]:
+        async def open_engine() -> GenerationStream:
             shared_result = dataclasses.replace(result, choices=[], trace_id=None)
             # The request count is each reader's; the engine's work is counted once, here.
             shared = GenerationStream(self, shared_result, counts_request=False)
             await self._opened(shared, self._start(shared, spec))
-            return shared.result.prompt, shared
+            return shared
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached

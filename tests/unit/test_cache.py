@@ -18,6 +18,7 @@ from llm_service.cache import (
 )
 from llm_service.cache_control import CacheControl, CacheOptions
 from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob
+from llm_service.generation import GenerationResult
 from llm_service.settings import LLMSettings
 
 CONFIG = EngineConfig(
@@ -30,6 +31,14 @@ CONFIG = EngineConfig(
 )
 GREEDY = SamplingOptions(max_tokens=32, temperature=0.0)
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def entry_from_deltas(deltas: list[GenerationDelta], model_id: str, prompt: str) -> CachedResponse | None:
+    """Fold deltas as a GenerationStream does, then make the entry."""
+    result = GenerationResult("req", "standard", model_id, prompt, [])
+    for delta in deltas:
+        result.add(delta)
+    return CachedResponse.from_result(result)
 
 
 def key(config: EngineConfig = CONFIG, sampling: SamplingOptions = GREEDY, **kw: Any) -> str:
@@ -142,7 +151,7 @@ def deltas_of(
 
 def test_entry_round_trips_choices_and_logprobs() -> None:
     deltas = deltas_of({0: ["The", " capital", " is", " Paris."], 1: ["Paris", "."]}, logprobs=True)
-    entry = CachedResponse.from_deltas(deltas, "org/model", "<prompt>")
+    entry = entry_from_deltas(deltas, "org/model", "<prompt>")
     assert entry is not None
     decoded = CachedResponse.decode(entry.encode())
     assert decoded == entry
@@ -158,11 +167,11 @@ def test_entry_round_trips_choices_and_logprobs() -> None:
 
 
 def test_unfinished_or_aborted_generations_are_not_entries() -> None:
-    assert CachedResponse.from_deltas([], "m", "p") is None
+    assert entry_from_deltas([], "m", "p") is None
     unfinished = deltas_of({0: ["a", "b"]})[:-1]
-    assert CachedResponse.from_deltas(unfinished, "m", "p") is None
-    assert CachedResponse.from_deltas(deltas_of({0: ["a"]}, finish="abort"), "m", "p") is None
-    assert CachedResponse.from_deltas(deltas_of({1: ["a"]}), "m", "p") is None  # choice 0 missing
+    assert entry_from_deltas(unfinished, "m", "p") is None
+    assert entry_from_deltas(deltas_of({0: ["a"]}, finish="abort"), "m", "p") is None
+    assert entry_from_deltas(deltas_of({1: ["a"]}), "m", "p") is None  # choice 0 missing
 
 
 @pytest.mark.parametrize(
