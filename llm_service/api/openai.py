@@ -86,6 +86,7 @@ def _sampling(
         n=body.n or 1,
         logprobs=logprobs,
         json_schema=json_schema,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

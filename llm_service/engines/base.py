@@ -40,6 +40,8 @@ class SamplingOptions:
     logprobs: int | None = None
     # Structured output: a JSON schema, or {} for "any JSON object".
     json_schema: dict[str, Any] | None = None
+    # Keep generating past the end-of-sequence token up to max_tokens (as vLLM; for load tests).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -324,5 +324,6 @@ def _sampling_params(options: SamplingOptions) -> SamplingParams:
         frequency_penalty=options.frequency_penalty,
         logprobs=options.logprobs,
         structured_outputs=structured,
+        ignore_eos=options.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )
