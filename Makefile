@@ -9,7 +9,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: setup serve test test-unit lint redis clean
+.PHONY: setup serve test test-unit lint redis clean bench bench-tools
 
 setup: $(STAMP) redis $(DEMO_MODEL)
 
@@ -46,6 +46,17 @@ test: setup
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# make bench: the service against `vllm serve`, the bare engine and LiteLLM (BENCHMARKS.md, under 30 min here);
+# make bench ARGS=--quick for the short form (under 5 min). Writes bench/results/ and bench/plots/.
+bench: setup bench-tools
+	$(BIN)/python -m bench $(ARGS)
+
+bench-tools:
+	@command -v ab >/dev/null || { \
+	  echo "installing ApacheBench (apache2-utils)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq apache2-utils >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check llm_service tests bench
