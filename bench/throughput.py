@@ -29,7 +29,9 @@ def datasets(plan: Plan, out: Path) -> dict[str, Path]:
     return files
 
 
-def runs_of(workload: Workload, dataset: Path, server: str, endpoint: str) -> list[dict[str, Any]]:
+def runs_of(
+    workload: Workload, dataset: Path, server: str, endpoint: str, levels: tuple[int, ...] = ()
+) -> list[dict[str, Any]]:
     return [
         {
             "server": server,
@@ -42,7 +44,7 @@ def runs_of(workload: Workload, dataset: Path, server: str, endpoint: str) -> li
             "output_len": workload.output_len,
             "label": f"{server}-{endpoint.strip('/').replace('/', '-')}-{workload.name}-c{c}",
         }
-        for c in workload.levels
+        for c in levels or workload.levels
     ]
 
 
@@ -72,10 +74,10 @@ def http_targets(
             chat = load.Target(
                 f"{server} /v1/chat/completions", "openai-chat", base_url, "/v1/chat/completions", True, headers
             )
-            targets.append((chat, runs_of(workload, dataset, server, "/v1/chat/completions")))
+            targets.append((chat, runs_of(workload, dataset, server, "/v1/chat/completions", plan.other_levels)))
         if generate and workload.name in plan.generate_workloads:
             gen = load.Target(f"{server} /generate", load.GENERATE_BACKEND, base_url, "/generate", headers=headers)
-            targets.append((gen, runs_of(workload, dataset, server, "/generate")))
+            targets.append((gen, runs_of(workload, dataset, server, "/generate", plan.other_levels)))
     return targets
 
 
