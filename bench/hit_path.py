@@ -87,11 +87,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hit_path", description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--log-level", default="INFO", help="APP_LOG_LEVEL of the service (INFO as in production)")
     args = parser.parse_args()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     redis = Redis(out).launch()
-    env = service_env(free_port(), redis.port, "", 0.35, True)
+    env = service_env(free_port(), redis.port, "", 0.35, True, APP_LOG_LEVEL=args.log_level)
     proc, base_url = service("ours-hit-path", env, out)
     try:
         seed_entry(env, redis.port)
