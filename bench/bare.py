@@ -25,7 +25,7 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from bench import load
+from bench import load, throughput
 from bench.servers import engine_args
 
 BACKEND = "bare-asyncllm"
@@ -81,20 +81,7 @@ async def drive(llm: AsyncLLM, runs: list[dict[str, Any]], log: Path) -> list[di
     load.register(BACKEND, BareRequest(llm))
     # The client's ready check and /metrics probes go to a closed port on loopback.
     target = load.Target("bare AsyncLLM", BACKEND, "http://127.0.0.1:9", "/bare")
-    results = []
-    for spec in runs:
-        figures = await load.run(
-            target,
-            spec["served_name"],
-            Path(spec["dataset"]),
-            spec["prompts"],
-            spec["concurrency"],
-            spec["output_len"],
-            spec["label"],
-            log,
-        )
-        results.append({**spec, "figures": figures})
-    return results
+    return await throughput.drive([(target, runs)], log)
 
 
 def main() -> int:

@@ -18,7 +18,12 @@ from typing import Any
 
 import aiohttp
 from vllm.benchmarks import serve as vllm_bench
-from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS, RequestFuncInput, RequestFuncOutput
+from vllm.benchmarks.lib.endpoint_request_func import (
+    ASYNC_REQUEST_FUNCS,
+    OPENAI_COMPATIBLE_BACKENDS,
+    RequestFuncInput,
+    RequestFuncOutput,
+)
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from bench.plan import MODEL, SEED
@@ -98,8 +103,11 @@ async def generate_request(
 
 
 def register(backend: str, request_func: Any) -> None:
-    """Make `backend` a choice of vLLM's benchmark client (before its argument parser is built)."""
+    """Make `backend` a choice of vLLM's benchmark client (before its argument parser is built),
+    one that takes sampling parameters (temperature) as its OpenAI backends do."""
     ASYNC_REQUEST_FUNCS[backend] = request_func
+    if backend not in OPENAI_COMPATIBLE_BACKENDS:
+        OPENAI_COMPATIBLE_BACKENDS.append(backend)
 
 
 register(GENERATE_BACKEND, generate_request)

@@ -52,10 +52,13 @@ async def drive(targets: list[tuple[load.Target, list[dict[str, Any]]]], log: Pa
     results = []
     for target, runs in targets:
         for spec in runs:
-            figures = await load.run(
-                target, spec["served_name"], Path(spec["dataset"]), spec["prompts"], spec["concurrency"],
-                spec["output_len"], spec["label"], log,
-            )  # fmt: skip
+            try:
+                figures = await load.run(
+                    target, spec["served_name"], Path(spec["dataset"]), spec["prompts"], spec["concurrency"],
+                    spec["output_len"], spec["label"], log,
+                )  # fmt: skip
+            except Exception as exc:  # one failed setting is recorded; the others still run
+                figures = {"failed": spec["prompts"], "completed": 0, "error": f"{type(exc).__name__}: {exc}"}
             results.append({**spec, "figures": figures})
             sys.stderr.write(f"  {spec['label']}: {figures.get('output_throughput') or 0:.1f} tok/s\n")
     return results
