@@ -51,7 +51,7 @@ def ours(plan: Plan, base_url: str) -> dict[str, Any]:
     warm(base_url + "/generate", generate_body())
     warm(base_url + "/v1/chat/completions", chat_body("standard"))
     before = httpx.get(base_url + "/metrics").text
-    result = {
+    result: dict[str, Any] = {
         "health_live": levels(plan, base_url + "/health/live", None),
         "generate_hit": levels(plan, base_url + "/generate", generate_body()),
         "chat_hit": levels(plan, base_url + "/v1/chat/completions", chat_body("standard")),
