@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.plan import ROOT
@@ -56,5 +57,5 @@ def proxy(upstream: str, redis_port: int, log_dir: Path) -> tuple[Process, str, 
     return Process("litellm", cmd, env, log_dir), f"http://127.0.0.1:{port}", key
 
 
-def ready(base_url: str):  # type: ignore[no-untyped-def]
+def ready(base_url: str) -> Callable[[], bool]:
     return http_ok(base_url + "/health/liveliness")
