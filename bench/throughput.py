@@ -48,7 +48,27 @@ def runs_of(
     ]
 
 
+WARMUP_TOKENS = 8
+
+
+async def warm_up(targets: list[tuple[load.Target, list[dict[str, Any]]]], log: Path) -> None:
+    """One short unrecorded pass per concurrency level on the server's first target: the first
+    batches of a fresh engine pay one-time costs (kernel set-up per batch shape) that would
+    otherwise land on whichever target a server happens to run first."""
+    target, runs = targets[0]
+    for spec in {run["concurrency"]: run for _, rs in targets for run in rs}.values():
+        c = spec["concurrency"]
+        label = f"warmup-{spec['label']}"
+        try:
+            await load.run(target, runs[0]["served_name"], Path(runs[0]["dataset"]), c, c, WARMUP_TOKENS, label, log)
+        except Exception as exc:  # the measured runs will show the failure
+            sys.stderr.write(f"  {label} failed: {exc}\n")
+
+
 async def drive(targets: list[tuple[load.Target, list[dict[str, Any]]]], log: Path) -> list[dict[str, Any]]:
+    """Every run of every target, in order, after a warm-up; a failed run is recorded, not raised."""
+    if targets:
+        await warm_up(targets, log)
     results = []
     for target, runs in targets:
         for spec in runs:
