@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.app.host,
         port=settings.app.port,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.app.shutdown_grace_seconds,
     )
     return 0
 

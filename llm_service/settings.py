@@ -49,6 +49,13 @@ class AppSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin API (load and unload slots); unset disables it."
     )
+    shutdown_grace_seconds: int = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="How long requests in flight may take to finish after SIGTERM; keep it below the "
+        "Kubernetes terminationGracePeriodSeconds minus the preStop pause.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
