@@ -11,6 +11,10 @@ slot. Rules, in order:
    device; the other slots serve regardless.
 3. While the preloaded slots do not fit together, the one with the largest KV cache shrinks a step
    the same way; when none can shrink any more, the last preloaded slot is loaded on demand instead.
+4. What the budget leaves beside the preloaded slots and the largest on-demand slot goes to the
+   preloaded slots' KV cache (those whose share the operator did not set), in proportion to it:
+   on a large GPU the always-loaded slots serve more concurrent requests, and any on-demand slot
+   still loads without evicting.
 """
 
 from __future__ import annotations
@@ -217,4 +221,25 @@ def plan_slots(requests: list[SlotRequest], device: Device) -> Plan:
         else:
             last = preloaded[-1]
             plans[last.slot] = replace(last, preload=False)
+    _grow(plans, by_slot, device)
     return Plan(device, tuple(plans[r.slot] for r in requests))
+
+
+def _grow(plans: dict[str, SlotPlan], requests: dict[str, SlotRequest], device: Device) -> None:
+    """Rule 4: the budget's spare room to the preloaded slots' KV cache (in place)."""
+    if not device.memory:
+        return
+    on_demand = [p.share for p in plans.values() if not p.preload and p.unloadable is None]
+    room = device.budget - sum(p.share for p in plans.values() if p.preload) - max(on_demand, default=0.0)
+    growing = [p for p in plans.values() if p.preload and p.kv_bytes and requests[p.slot].share is None]
+    total_kv = sum(p.kv_bytes or 0 for p in growing)
+    if room < SHARE_STEP or not total_kv:
+        return
+    for slot in growing:
+        extra = math.floor(room * (slot.kv_bytes or 0) / total_kv / SHARE_STEP + 1e-9) * SHARE_STEP
+        if extra <= 0:
+            continue
+        share = round(slot.share + extra, 2)
+        kv_bytes = (slot.kv_bytes or 0) + int(share * device.memory) - int(slot.share * device.memory)
+        per_token = (slot.kv_bytes or 0) / (slot.kv_tokens or 1)
+        plans[slot.slot] = replace(slot, share=share, kv_bytes=kv_bytes, kv_tokens=int(kv_bytes / per_token))

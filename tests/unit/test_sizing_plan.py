@@ -120,7 +120,22 @@ def test_tensor_parallel_two_halves_the_weights_per_gpu() -> None:
     two = by_slot(plan_on(48, tensor_parallel_size=2))
     for slot in ("standard", "longctx", "multimodal"):
         assert two[slot].weights == pytest.approx(one[slot].weights / 2, rel=0.01)
-        assert two[slot].share < 0.6 * one[slot].share
+        assert two[slot].needed < 0.6 * one[slot].needed
+
+
+def test_spare_budget_goes_to_the_preloaded_slots_kv_cache_leaving_room_for_on_demand_ones() -> None:
+    slots = by_slot(plan_on(80))
+    standard, longctx, multimodal = slots["standard"], slots["longctx"], slots["multimodal"]
+    for slot in (standard, longctx):
+        assert slot.kv_bytes > 2 * (slot.needed - slot.weights - slot.overhead)  # well past two sequences
+    assert standard.share + longctx.share + multimodal.share <= 0.85 + 1e-9
+    # A share the operator set stays as set.
+    assert by_slot(plan_on(80, memory_share_standard=0.2))["standard"].share == 0.2
+
+
+def test_no_spare_budget_no_growth() -> None:
+    slots = by_slot(plan_on(48))
+    assert slots["standard"].kv_tokens < 3 * 8192 and slots["longctx"].kv_tokens < 3 * 32768
 
 
 def test_text_only_multimodal_slot_leaves_out_the_vision_tower() -> None:
