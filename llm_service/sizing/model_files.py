@@ -53,6 +53,19 @@ def hub_allowed() -> bool:
     )
 
 
+# Hugging Face layout first; Mistral's own layout keeps the same dimensions in params.json
+# (dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size), which estimate.py reads too.
+CONFIG_FILES = ("config.json", "params.json")
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    for name in CONFIG_FILES:
+        config = _read_json(folder / name)
+        if config is not None:
+            return config
+    return None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
@@ -73,14 +86,18 @@ def _cached(model_id: str, revision: str | None) -> ModelMetadata | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model_id, "config.json", cache_dir=_hub_cache_dir(), revision=revision)
+        found = [
+            try_to_load_from_cache(model_id, name, cache_dir=_hub_cache_dir(), revision=revision)
+            for name in CONFIG_FILES
+        ]
     except Exception:  # an id that is no repo name, a broken cache: nothing cached
         return None
-    if not isinstance(cached, str):
+    cached = next((path for path in found if isinstance(path, str)), None)
+    if cached is None:
         return None
     snapshot = Path(cached).parent
     names = tuple(sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if not p.is_dir()))
-    return ModelMetadata(model_id, _read_json(snapshot / "config.json"), "cache", names)
+    return ModelMetadata(model_id, _read_config(snapshot), "cache", names)
 
 
 def _from_hub(model_id: str, revision: str | None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
@@ -89,7 +106,8 @@ def _from_hub(model_id: str, revision: str | None) -> tuple[dict[str, Any] | Non
         from huggingface_hub import HfApi, hf_hub_download
 
         files = tuple(HfApi().list_repo_files(model_id, revision=revision))
-        path = hf_hub_download(model_id, "config.json", revision=revision, cache_dir=_hub_cache_dir())
+        name = next((n for n in CONFIG_FILES if n in files), CONFIG_FILES[0])
+        path = hf_hub_download(model_id, name, revision=revision, cache_dir=_hub_cache_dir())
         config = _read_json(Path(path))
     except Exception as exc:
         log.warning("model_metadata_unavailable", model_id=model_id, error=f"{type(exc).__name__}: {exc}")
@@ -106,7 +124,7 @@ def model_metadata(model_id: str, revision: str | None = None, *, hub: bool | No
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         names = tuple(sorted(path.name for path in folder.iterdir()))
-        return ModelMetadata(model_id, _read_json(folder / "config.json"), "local", names)
+        return ModelMetadata(model_id, _read_config(folder), "local", names)
     cached = _cached(model_id, revision)
     # A cache with weights is a finished download whose file list is complete: no need to ask.
     complete = cached is not None and cached.has("*.safetensors")

@@ -11,8 +11,8 @@ slot. Rules, in order:
    device; the other slots serve regardless.
 3. While the preloaded slots do not fit together, the one with the largest KV cache shrinks a step
    the same way; when none can shrink any more, the last preloaded slot is loaded on demand instead.
-4. What the budget leaves beside the preloaded slots and the largest on-demand slot goes to the
-   preloaded slots' KV cache (those whose share the operator did not set), in proportion to it:
+4. On a GPU, what the budget leaves beside the preloaded slots and the largest on-demand slot goes
+   to the preloaded slots' KV cache (those whose share the operator did not set), in proportion to it:
    on a large GPU the always-loaded slots serve more concurrent requests, and any on-demand slot
    still loads without evicting.
 """
@@ -227,7 +227,9 @@ def plan_slots(requests: list[SlotRequest], device: Device) -> Plan:
 
 def _grow(plans: dict[str, SlotPlan], requests: dict[str, SlotRequest], device: Device) -> None:
     """Rule 4: the budget's spare room to the preloaded slots' KV cache (in place)."""
-    if not device.memory:
+    # On the CPU a share is also the memory vLLM checks is free at start: a larger one could only
+    # make an engine refuse to start on a busy machine.
+    if not device.memory or device.kind != "cuda":
         return
     on_demand = [p.share for p in plans.values() if not p.preload and p.unloadable is None]
     room = device.budget - sum(p.share for p in plans.values() if p.preload) - max(on_demand, default=0.0)

@@ -185,3 +185,21 @@ def test_a_mistral_only_or_hugging_face_only_repo_keeps_vllms_choice(tmp_path: P
     hugging_face = make_repo(tmp_path / "hf", "config.json", "model.safetensors", "tokenizer_config.json")
     assert layout_engine_args(model_metadata(mistral, hub=False)) == {}
     assert layout_engine_args(model_metadata(hugging_face, hub=False)) == {}
+
+
+def test_a_mistral_only_repo_is_sized_from_params_json(tmp_path: Path) -> None:
+    # Mistral NeMo's params.json in Mistral's own layout: the same dimensions under other names.
+    folder = tmp_path / "nemo"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({
+        "dim": 5120, "n_layers": 40, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+        "rope_theta": 1000000.0, "norm_eps": 1e-05, "vocab_size": 131072,
+    }))
+    (folder / "consolidated.safetensors").write_text("")
+    meta = model_metadata(str(folder), hub=False)
+    assert meta.config is not None
+    shape = model_shape(meta.config)
+    reference = shape_of("longctx")
+    assert shape is not None
+    assert shape.params == reference.params
+    assert shape.kv_bytes_per_request(32768) == reference.kv_bytes_per_request(32768)

@@ -133,6 +133,14 @@ def test_spare_budget_goes_to_the_preloaded_slots_kv_cache_leaving_room_for_on_d
     assert by_slot(plan_on(80, memory_share_standard=0.2))["standard"].share == 0.2
 
 
+def test_cpu_shares_do_not_grow() -> None:
+    # vLLM's CPU worker refuses to start unless node 0 has the whole share free.
+    shape = shape_of("standard")
+    request = SlotRequest(slot="standard", model_id="m", shape=shape, max_model_len=4096, preload=True)
+    alone = plan_slots([request], Device("cpu", 64 * GIB, 0.85)).slots[0]
+    assert alone.share < 0.3
+
+
 def test_no_spare_budget_no_growth() -> None:
     slots = by_slot(plan_on(48))
     assert slots["standard"].kv_tokens < 3 * 8192 and slots["longctx"].kv_tokens < 3 * 32768
