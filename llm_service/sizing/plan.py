@@ -192,7 +192,13 @@ def _fit_alone(request: SlotRequest, device: Device) -> SlotPlan:
     while plan.unloadable is not None or plan.share > device.budget + 1e-9:
         smaller = _shrink(request, plan, device)
         if smaller is None:
-            if request.share is None or plan.unloadable is None:
+            if request.share is not None and plan.share > device.budget + 1e-9:
+                plan = replace(
+                    plan,
+                    unloadable=f"LLM_MEMORY_SHARE_{request.slot.upper()}={plan.share:.2f} is more than the "
+                    f"budget LLM_GPU_MEMORY_UTILIZATION={device.budget:.2f}",
+                )
+            elif request.share is None:
                 needed = f"{plan.needed / GIB:.1f} GiB" if plan.needed else f"a share of {plan.share:.2f}"
                 plan = replace(
                     plan,

@@ -110,6 +110,13 @@ def test_an_operators_share_is_kept_and_the_kv_cache_is_what_it_leaves() -> None
     assert standard.kv_bytes == int(0.3 * 48 * GIB) - standard.weights - standard.overhead
 
 
+def test_an_operators_share_above_the_budget_is_reported_by_name() -> None:
+    standard = by_slot(plan_on(48, memory_share_standard=0.9))["standard"]
+    assert standard.unloadable == (
+        "LLM_MEMORY_SHARE_STANDARD=0.90 is more than the budget LLM_GPU_MEMORY_UTILIZATION=0.85"
+    )
+
+
 def test_a_share_too_small_for_one_sequence_is_reported() -> None:
     standard = by_slot(plan_on(48, memory_share_standard=0.12, max_model_len_standard=131072))["standard"]
     assert standard.unloadable and "sequence" in standard.unloadable
