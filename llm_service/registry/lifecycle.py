@@ -1,4 +1,4 @@
-"""ModelRegistry: the slots, their engines' lifecycles and the memory budget they share."""
+"""ModelRegistry: the mechanism that loads, evicts and unloads the slots' engines within one budget."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -15,54 +13,11 @@ import structlog
 from llm_service.engines.base import Engine, EngineConfig, EngineDead
 from llm_service.errors import ModelNotFound, ModelUnavailable
 from llm_service.metrics import Metrics
+from llm_service.registry.slots import HOLDING, RegistryPolicy, Slot, SlotState
 
 log = structlog.get_logger(__name__)
 
 EngineFactory = Callable[[EngineConfig], Engine]
-
-
-class SlotState(StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-# States in which a slot's engine holds (or is about to hold) its memory share.
-_HOLDING = (SlotState.LOADING, SlotState.LOADED, SlotState.UNLOADING)
-
-
-@dataclass(frozen=True)
-class RegistryPolicy:
-    """Timing rules of the registry (all seconds)."""
-
-    load_wait: float = 120.0  # a request waits this long for its slot's load
-    eviction_wait: float = 10.0  # a load waits this long for an LRU slot's requests to end
-    retry_backoff: float = 30.0  # a failed slot is not loaded again before this
-    idle_unload: float = 0.0  # unpinned slots idle this long unload (0 = never)
-    health_interval: float = 10.0  # how often loaded engines are checked for death
-
-
-@dataclass
-class Slot:
-    """One named slot: its engine configuration and live state."""
-
-    config: EngineConfig
-    pinned: bool
-    state: SlotState = SlotState.UNLOADED
-    engine: Engine | None = None
-    in_flight: int = 0
-    last_used: float = 0.0  # monotonic clock
-    last_used_at: float | None = None  # wall clock, for /health
-    loaded_at: float | None = None
-    error: str | None = None
-    failed_at: float = 0.0
-    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.config.slot
 
 
 class ModelRegistry:
@@ -132,7 +87,7 @@ class ModelRegistry:
         return self.slot(name_or_model_id)
 
     def used_share(self) -> float:
-        return sum(s.config.memory_share for s in self._slots.values() if s.state in _HOLDING)
+        return sum(s.config.memory_share for s in self._slots.values() if s.state in HOLDING)
 
     @property
     def preload_done(self) -> bool:
