@@ -26,10 +26,18 @@ class RegistryPolicy:
     """Timing rules of the registry (all seconds)."""
 
     load_wait: float = 120.0  # a request waits this long for its slot's load
-    eviction_wait: float = 10.0  # a load waits this long for an LRU slot's requests to end
-    retry_backoff: float = 30.0  # a failed slot is not loaded again before this
+    eviction_wait: float = 10.0  # a load waits this long for a draining slot's requests to end
+    retry_backoff: float = 10.0  # first back-off before a failed slot is loaded again
+    retry_backoff_max: float = 300.0  # the back-off doubles per failure in a row, up to this
     idle_unload: float = 0.0  # unpinned slots idle this long unload (0 = never)
     health_interval: float = 10.0  # how often loaded engines are checked for death
+    min_residency: float = 5.0  # a loaded slot is not evicted sooner than this after its load
+    swap_fairness: float = 30.0  # a slot in the way keeps admitting this long while another waits
+    memory_wait: float = 30.0  # a load waits this long for the device memory to be free
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before the next load of a slot that failed `failures` times in a row."""
+        return min(self.retry_backoff_max, self.retry_backoff * 2 ** max(0, failures - 1))
 
 
 @dataclass
@@ -44,10 +52,39 @@ class Slot:
     last_used: float = 0.0  # monotonic clock
     last_used_at: float | None = None  # wall clock, for /health
     loaded_at: float | None = None
-    error: str | None = None
-    failed_at: float = 0.0
+    loaded_since: float = 0.0  # monotonic clock of the last successful load
+    error: str | None = None  # set while the slot is down (failed, or its engine died)
+    failures: int = 0  # failed loads and deaths in a row
+    retry_at: float = 0.0  # monotonic clock of the next automatic load of a failed slot
+    # Requests inside acquire() waiting for the slot (monotonic clock of each arrival): a slot
+    # with waiters is in demand, never idle.
+    wait_starts: list[float] = field(default_factory=list)
+    draining_since: float | None = None  # stops admitting new requests so it can be evicted
+    load_refused: tuple[float, Exception] | None = None  # the last load that found no room
+    dead_engine: Engine | None = field(default=None, repr=False)  # died, not yet shut down
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.config.slot
+
+    @property
+    def waiting(self) -> int:
+        return len(self.wait_starts)
+
+    def owes(self, arrived: float) -> bool:
+        """A request that arrived then is still to be admitted: a draining slot serves the requests
+        that were waiting for it before the drain began (it was loaded for them), not later ones."""
+        return self.draining_since is None or arrived <= self.draining_since
+
+    @property
+    def owed(self) -> int:
+        return sum(1 for arrived in self.wait_starts if self.owes(arrived))
+
+    def admits(self, arrived: float) -> bool:
+        """A request that arrived then can take the slot's engine now."""
+        return self.state is SlotState.LOADED and self.engine is not None and self.owes(arrived)
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.owed == 0
