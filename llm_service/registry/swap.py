@@ -7,10 +7,11 @@ The rules, for a slot that must be loaded and does not fit:
 * victims are the loaded slots in the way, idle ones first, then least recently used;
 * an idle victim is evicted at once, but never sooner than `min_residency` after its own load
   (its next request is usually on its way);
-* a busy victim keeps admitting new requests until `fairness` seconds after the waiting slot's
-  first request arrived (so the slot that is loaded serves its queue in one go, and the waiting
-  slot's requests are then served together after one load); after that it drains: it admits
-  no new requests, and is evicted when the ones in flight have ended;
+* a busy victim keeps admitting new requests for `fairness` seconds from when it was loaded or
+  the waiting slot's first request arrived, whichever is later (so the slot that is loaded
+  serves its queue in one go, and the waiting slot's requests are then served together after
+  one load); after that it drains: it admits no new requests, and is evicted when the ones in
+  flight have ended;
 * a drain that lasts longer than `drain_timeout` gives up: the waiting requests get 503 and the
   victims admit again.
 """
@@ -103,7 +104,8 @@ class SwapPolicy:
                     return RoomDecision(refuse=self._busy(victims))
                 times.append(give_up)
                 continue
-            admit_until = max(resident_until, waiting_since + self.fairness)
+            # Fairness counts from when both were true: the victim serving, the other slot waiting.
+            admit_until = max(resident_until, max(victim.loaded_since, waiting_since) + self.fairness)
             if now >= admit_until:
                 drain.append(victim.name)
                 times.append(now + self.drain_timeout)
