@@ -14,6 +14,7 @@ from llm_service.engines.base import Engine, EngineConfig, EngineDead
 from llm_service.errors import ModelNotFound, ModelUnavailable
 from llm_service.metrics import Metrics
 from llm_service.registry.memory import DeviceMemory
+from llm_service.registry.recovery import Recovery
 from llm_service.registry.slots import HOLDING, RegistryPolicy, Slot, SlotState
 from llm_service.registry.swap import SlotView, SwapPolicy
 
@@ -70,6 +71,10 @@ class ModelRegistry:
         self._background: set[asyncio.Task[Any]] = set()
         self._preload_done = asyncio.Event()
         self._closed = False
+        self._recovery = Recovery(
+            self.policy, metrics, clock, self._lifecycle_lock, notify=self._notify, spawn=self._spawn,
+            reload=self._retry_load, closed=lambda: self._closed,
+        )
 
     # --- introspection -------------------------------------------------------------------
     @property
@@ -109,25 +114,7 @@ class ModelRegistry:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         now = self._clock()
-        return {
-            s.name: {
-                "model_id": s.config.model_id,
-                "state": s.state.value,
-                "pinned": s.pinned,
-                "memory_share": s.config.memory_share,
-                "max_model_len": s.config.max_model_len,
-                "in_flight": s.in_flight,
-                "waiting": s.waiting,
-                "draining": s.draining_since is not None,
-                "last_used": s.last_used_at,
-                "loaded_at": s.loaded_at,
-                "error": s.error,
-                "next_retry_seconds": round(max(0.0, s.retry_at - now), 1)
-                if s.state is SlotState.FAILED
-                else None,
-            }
-            for s in self._slots.values()
-        }
+        return {s.name: s.describe(now) for s in self._slots.values()}
 
     # --- lifecycle of the registry -------------------------------------------------------
     def start(self, preload: bool) -> None:
@@ -153,7 +140,7 @@ class ModelRegistry:
         loaded = [slot for slot in self._slots.values() if slot.engine is not None]
         await asyncio.gather(
             *(self._unload(slot, reason="shutdown") for slot in loaded),
-            *(self._shutdown_dead(slot) for slot in self._slots.values()),
+            *(self._recovery.shutdown_dead(slot) for slot in self._slots.values()),
         )
 
     def _spawn(self, coro: Any) -> None:
@@ -197,7 +184,7 @@ class ModelRegistry:
         try:
             yield engine
         except EngineDead as exc:
-            self._engine_died(slot, engine, exc)
+            self._recovery.engine_died(slot, engine, exc)
             raise
         finally:
             slot.in_flight -= 1
@@ -221,7 +208,9 @@ class ModelRegistry:
                 while True:
                     if slot.admits(arrived):
                         return self._take(slot)
-                    self._raise_if_down(slot, arrived)
+                    refusal = slot.refusal(arrived, self._clock(), self.policy)
+                    if refusal is not None:
+                        raise refusal
                     if slot.state in (SlotState.UNLOADED, SlotState.FAILED):
                         self._ensure_load_task(slot)
                     await self._next_change()
@@ -238,27 +227,6 @@ class ModelRegistry:
         assert slot.engine is not None
         slot.in_flight += 1
         return slot.engine
-
-    def _raise_if_down(self, slot: Slot, arrived: float) -> None:
-        """Refuse at once what waiting cannot fix: a failed slot within its back-off, a slot whose
-        engine just died, a load that found no room after this request came."""
-        if slot.load_refused is not None and slot.load_refused[0] >= arrived:
-            raise slot.load_refused[1]
-        if slot.error is None or slot.load_task is not None:
-            return
-        if slot.state is SlotState.UNLOADING:
-            raise ModelUnavailable(
-                f"model {slot.name!r} is down ({slot.error}); it is being restarted",
-                param="model",
-                retry_after=self.policy.backoff(slot.failures + 1),
-            )
-        wait = slot.retry_at - self._clock()
-        if slot.state is SlotState.FAILED and wait > 0:
-            raise ModelUnavailable(
-                f"model {slot.name!r} failed to load: {slot.error}; next try in {wait:.0f} s",
-                param="model",
-                retry_after=wait,
-            )
 
     def _ensure_load_task(self, slot: Slot, evict: bool = True) -> asyncio.Task[None]:
         """The one load task of the slot; concurrent callers share it."""
@@ -305,7 +273,7 @@ class ModelRegistry:
             if slot.state is SlotState.LOADED:
                 return
             for other in self._slots.values():
-                await self._shutdown_dead(other)  # a dead engine's memory is back before a load
+                await self._recovery.shutdown_dead(other)  # a dead engine's memory is back before a load
             try:
                 await self._make_room(slot)
             except ModelUnavailable as exc:
@@ -326,13 +294,13 @@ class ModelRegistry:
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(engine.shutdown())
-                self._failed(slot, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                self._recovery.failed(slot, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 self._metrics.model_load_failures.labels(model=slot.name).inc()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
             elapsed = self._clock() - started
-            engine.on_dead(lambda exc: self._engine_died(slot, engine, exc))
+            engine.on_dead(lambda exc: self._recovery.engine_died(slot, engine, exc))
             slot.engine = engine
             slot.state = SlotState.LOADED
             slot.error = None
@@ -403,62 +371,15 @@ class ModelRegistry:
             self._notify()
         log.info("model_unloaded", slot=slot.name, reason=reason, seconds=round(self._clock() - started, 2))
 
-    # --- failures ------------------------------------------------------------------------
-    def _failed(self, slot: Slot, error: str) -> None:
-        """The slot is down: refuse its requests and load it again by itself after a back-off."""
-        slot.state = SlotState.FAILED
-        slot.error = error
-        slot.failures += 1
-        delay = self.policy.backoff(slot.failures)
-        slot.retry_at = self._clock() + delay
-        log.error("model_failed", slot=slot.name, error=error, failures=slot.failures, retry_in=round(delay, 1))
-        self._notify()
-        if not self._closed:
-            self._spawn(self._retry_after(slot, delay))
-
-    async def _retry_after(self, slot: Slot, delay: float) -> None:
-        await asyncio.sleep(delay)
-        if slot.state is not SlotState.FAILED or slot.load_task is not None:
-            return
-        fits = self.used_share() + slot.config.memory_share <= self.budget + 1e-9
-        if slot.pinned or fits:
+    def _retry_load(self, slot: Slot) -> None:
+        """A failed slot's back-off is over: load it again, unless that would evict a serving slot
+        for a lazily loaded one (its failure then expires, and its next request loads it)."""
+        if slot.pinned or self.used_share() + slot.config.memory_share <= self.budget + 1e-9:
             log.info("model_retrying", slot=slot.name, failures=slot.failures)
             self._ensure_load_task(slot)
         else:
-            # A lazily loaded slot is not worth evicting a serving one for: its next request loads it.
             slot.state, slot.error = SlotState.UNLOADED, None
             self._notify()
-
-    def _engine_died(self, slot: Slot, engine: Engine, exc: BaseException) -> None:
-        """A loaded engine died: refuse the slot's requests at once; its memory share stays held
-        until the engine's processes are shut down (under the lifecycle lock), then it reloads."""
-        if slot.engine is not engine or slot.state is not SlotState.LOADED:
-            return
-        log.error("engine_dead", slot=slot.name, error=str(exc))
-        self._metrics.engine_deaths.labels(model=slot.name).inc()
-        slot.state = SlotState.UNLOADING
-        slot.error = f"engine died: {exc}"
-        slot.engine = None
-        slot.dead_engine = engine
-        slot.draining_since = None
-        self._metrics.model_loaded.labels(model=slot.name).set(0)
-        self._notify()
-        self._spawn(self._drop_dead(slot))
-
-    async def _drop_dead(self, slot: Slot) -> None:
-        async with self._lifecycle_lock:
-            await self._shutdown_dead(slot)
-
-    async def _shutdown_dead(self, slot: Slot) -> None:
-        """Shut a dead engine down (once), then mark the slot failed; the lifecycle lock is held."""
-        engine, slot.dead_engine = slot.dead_engine, None
-        if engine is None:
-            return
-        with contextlib.suppress(Exception):
-            await engine.shutdown()
-        slot.loaded_at = None
-        self._metrics.model_memory_share.labels(model=slot.name).set(0)
-        self._failed(slot, slot.error or "engine died")
 
     # --- background ----------------------------------------------------------------------
     async def _reap_forever(self) -> None:
@@ -480,7 +401,7 @@ class ModelRegistry:
                 try:
                     await engine.check_health()
                 except EngineDead as exc:
-                    self._engine_died(slot, engine, exc)
+                    self._recovery.engine_died(slot, engine, exc)
                     continue
                 except Exception as exc:
                     log.warning("health_check_error", slot=slot.name, error=str(exc))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from llm_service.engines.base import Engine, EngineConfig
+from llm_service.errors import ModelUnavailable
 
 
 class SlotState(StrEnum):
@@ -88,3 +90,43 @@ class Slot:
     @property
     def idle(self) -> bool:
         return self.in_flight == 0 and self.owed == 0
+
+    def refusal(self, arrived: float, now: float, policy: RegistryPolicy) -> Exception | None:
+        """What a request that arrived then gets at once, because waiting cannot help: the last
+        load found no room after it came; the engine just died; the slot failed and its back-off
+        is not over. None: it may wait (or be served)."""
+        if self.load_refused is not None and self.load_refused[0] >= arrived:
+            return self.load_refused[1]
+        if self.error is None or self.load_task is not None:
+            return None
+        if self.state is SlotState.UNLOADING:
+            return ModelUnavailable(
+                f"model {self.name!r} is down ({self.error}); it is being restarted",
+                param="model",
+                retry_after=policy.backoff(self.failures + 1),
+            )
+        wait = self.retry_at - now
+        if self.state is SlotState.FAILED and wait > 0:
+            return ModelUnavailable(
+                f"model {self.name!r} failed to load: {self.error}; next try in {wait:.0f} s",
+                param="model",
+                retry_after=wait,
+            )
+        return None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The slot as /health and /admin show it."""
+        return {
+            "model_id": self.config.model_id,
+            "state": self.state.value,
+            "pinned": self.pinned,
+            "memory_share": self.config.memory_share,
+            "max_model_len": self.config.max_model_len,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "draining": self.draining_since is not None,
+            "last_used": self.last_used_at,
+            "loaded_at": self.loaded_at,
+            "error": self.error,
+            "next_retry_seconds": round(max(0.0, self.retry_at - now), 1) if self.state is SlotState.FAILED else None,
+        }
