@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -144,7 +145,8 @@ class ModelRegistry:
         )
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        # A fresh context: background work must not log under the request id that started it.
+        task = asyncio.create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

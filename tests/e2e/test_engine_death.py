@@ -94,4 +94,16 @@ def test_a_killed_engine_fails_its_requests_at_once_and_the_slot_comes_back(dyin
     assert not core.is_running() or core.status() == psutil.STATUS_ZOMBIE
     assert len(engine_cores(service)) == 1
     print(f"\nstream ended {stream_ended:.2f} s after the kill; ready again after {back_after:.1f} s")
+
+    # With nothing in flight, the engine's own death signal tells the registry (the message is the
+    # signal's, not the periodic health check's).
+    (core,) = engine_cores(service)
+    killed_at = time.monotonic()
+    core.send_signal(signal.SIGKILL)
+    wait_for(lambda: client.get("/health/ready").status_code == 503, 60, "not ready", interval=0.05)
+    noticed = time.monotonic() - killed_at
+    error = client.get("/health").json()["dependencies"]["models"]["standard"]["error"]
+    assert "its engine core process exited" in error, error
+    wait_for(lambda: client.get("/health/ready").status_code == 200, READY_TIMEOUT, "ready again", interval=0.25)
+    print(f"idle engine killed: noticed after {noticed:.2f} s, ready again after {time.monotonic() - killed_at:.1f} s")
     client.close()

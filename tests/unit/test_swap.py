@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llm_service.registry.slots import SlotState
+from llm_service.engines.fake import FakeEngine
+from llm_service.registry.slots import Slot, SlotState
 from llm_service.registry.swap import SlotView, SwapPolicy
 
+from .conftest import slot_config
 from .swap_workload import LOAD, TOKEN, UNLOAD, alternating_registry, run_alternating
 
 POLICY = SwapPolicy(min_residency=5, fairness=30, drain_timeout=10)
@@ -107,3 +109,15 @@ async def test_the_fairness_bound_is_what_saves_the_loads() -> None:
     with_bound = await run_alternating(fair, fair_factory, clients=4, requests=100, pattern="sticky")
     await fair.close()
     assert with_bound.loads * 2 <= without.loads, (with_bound.loads, without.loads)
+
+
+def test_a_draining_slot_owes_only_the_requests_that_waited_before_its_drain() -> None:
+    config = slot_config("a")
+    slot = Slot(config=config, pinned=False, state=SlotState.LOADED, engine=FakeEngine(config))
+    slot.wait_starts = [10.0, 20.0]
+    assert slot.owed == 2 and slot.admits(20.0)
+    slot.draining_since = 15.0
+    assert slot.owed == 1 and slot.admits(10.0) and not slot.admits(20.0)
+    assert SlotView.of(slot).waiting == 1
+    slot.wait_starts = [20.0]
+    assert SlotView.of(slot).idle  # the later request waits for the slot's next load
