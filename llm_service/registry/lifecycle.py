@@ -218,7 +218,9 @@ class ModelRegistry:
                     await self._next_change()
         except TimeoutError:
             raise ModelUnavailable(
-                f"model {slot.name!r} is loading; retry shortly", param="model", retry_after=10
+                f"model {slot.name!r} is loading or waiting for room in the memory budget; retry shortly",
+                param="model",
+                retry_after=10,
             ) from None
         finally:
             slot.wait_starts.remove(arrived)
@@ -230,7 +232,7 @@ class ModelRegistry:
         slot.in_flight += 1
         return slot.engine
 
-    def _ensure_load_task(self, slot: Slot, evict: bool = True) -> asyncio.Task[None]:
+    def _ensure_load_task(self, slot: Slot) -> asyncio.Task[None]:
         """The one load task of the slot; concurrent callers share it."""
         if slot.load_task is None:
             task = asyncio.create_task(self._load(slot))
