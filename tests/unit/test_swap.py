@@ -103,10 +103,10 @@ async def test_the_fairness_bound_is_what_saves_the_loads() -> None:
     """Against the same workload without fairness time or minimum residency (waiting requests
     still keep their slot: the ping-pong fix alone)."""
     eager, eager_factory = alternating_registry(swap_fairness=0.0, min_residency=0.0)
-    without = await run_alternating(eager, eager_factory, clients=4, requests=100, pattern="sticky")
+    without = await run_alternating(eager, eager_factory, clients=4, requests=40, pattern="sticky")
     await eager.close()
     fair, fair_factory = alternating_registry()
-    with_bound = await run_alternating(fair, fair_factory, clients=4, requests=100, pattern="sticky")
+    with_bound = await run_alternating(fair, fair_factory, clients=4, requests=40, pattern="sticky")
     await fair.close()
     assert with_bound.loads * 2 <= without.loads, (with_bound.loads, without.loads)
 
