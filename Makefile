@@ -33,13 +33,10 @@ redis:
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
 
-# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote).
+# With the cache on, runs a local redis-server for as long as the service runs, unless one answers
+# (or REDIS_HOST is remote): scripts/serve.sh.
 serve: setup
-	@case "$${REDIS_HOST:-localhost}" in localhost|127.0.0.1) \
-	  redis-cli -p $${REDIS_PORT:-6379} ping >/dev/null 2>&1 || \
-	  redis-server --port $${REDIS_PORT:-6379} --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null;; \
-	esac
-	$(BIN)/python -m llm_service
+	bash scripts/serve.sh $(BIN)/python -m llm_service
 
 test: setup
 	$(BIN)/python -m pytest
