@@ -24,11 +24,12 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# redis-server for the cache; jq, which the docs' examples (run by the tests) pipe into.
 redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@command -v redis-server >/dev/null && command -v jq >/dev/null || { \
+	  echo "installing redis-server and jq"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server jq >/dev/null; }
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
