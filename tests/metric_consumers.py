@@ -18,6 +18,9 @@ import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_service.metrics import CACHE_OPERATIONS
+from llm_service.request_metrics import REQUEST_STATUSES
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "DEPLOYMENT.md", "QUICKSTART.md", "IMPLEMENTATION.md")
 # Grafana's variables, replaced by something PromQL parses.
@@ -25,6 +28,11 @@ _GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval":
 _LABEL_VALUES = re.compile(r"label_values\(\s*(?P<metric>\w+)\s*,\s*(?P<label>\w+)\s*\)")
 # llm_service is the package, not a metric.
 _DOC_REFERENCE = re.compile(r"\b(?P<name>llm_(?!service\b)[a-z0-9_]+)(?:\{(?P<labels>[^}]*)\})?")
+# Label values a metric can take beyond those a fresh service shows.
+DECLARED = {
+    ("llm_requests", "status"): set(REQUEST_STATUSES),
+    ("llm_cache_errors", "operation"): set(CACHE_OPERATIONS),
+}
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
 
 

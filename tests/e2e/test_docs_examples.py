@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 from tests.docs_blocks import SERVICE_ADDRESS, Block, all_blocks
+from tests.metric_consumers import DECLARED, Exposition, all_references
+from tests.metrics_text import metric
 
 from .conftest import ServiceProcess
 
@@ -82,3 +84,31 @@ def test_docs_example(block: Block, service: ServiceProcess, client: httpx.Clien
         assert text in output, f"{block.id}: {text!r} not in its output:\n{output}"
     if block.lang == "python":
         assert not re.search(r"\bNone\b", output), f"{block.id} printed None:\n{output}"
+
+
+def test_dashboard_and_docs_queries_match_the_live_metrics(client: httpx.Client) -> None:
+    client.post("/generate", json=CHAT)
+    exposition = Exposition.parse(client.get("/metrics").text)
+    problems = [problem for ref in all_references() for problem in exposition.problems(ref, DECLARED)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "labels"),
+    [
+        (CHAT, 200, {"model": "standard", "status": "success"}),
+        ({**CHAT, "temperature": 9}, 400, {"model": "unknown", "status": "invalid"}),
+        ({**CHAT, "max_tokens": 10**6}, 400, {"model": "standard", "status": "invalid"}),
+        ({**CHAT, "model": "no-such-slot"}, 404, {"model": "unknown", "status": "not_found"}),
+    ],
+)
+def test_the_live_request_counter_moves_for_each_status(
+    client: httpx.Client, body: dict[str, Any], status: int, labels: dict[str, str]
+) -> None:
+    def count() -> float:
+        return metric(client.get("/metrics").text, "llm_requests_total", **labels, code=str(status))
+
+    before = count()
+    r = client.post("/generate", json=body)
+    assert r.status_code == status and "x-cache" in r.headers, r.text
+    assert count() == before + 1

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llm_service.metrics import CACHE_OPERATIONS
-from llm_service.request_metrics import REQUEST_STATUSES
-from tests.metric_consumers import Exposition, Reference, all_references, doc_references, promql_references
+from tests.metric_consumers import DECLARED, Exposition, Reference, all_references, doc_references, promql_references
 
-# Label values a metric can take beyond those a fresh service shows.
-DECLARED = {
-    ("llm_requests", "status"): set(REQUEST_STATUSES),
-    ("llm_cache_errors", "operation"): set(CACHE_OPERATIONS),
-}
 REFERENCES = all_references()
 
 
