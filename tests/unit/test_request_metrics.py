@@ -13,7 +13,7 @@ from llm_service.app import EngineBackend, create_app
 from llm_service.engines.base import GenerationDelta, GenerationRequest
 from llm_service.engines.fake import FakeEngine
 from llm_service.errors import Overloaded
-from llm_service.request_metrics import CLIENT_CLOSED, final_code, status_label
+from llm_service.request_metrics import CLIENT_CLOSED, RequestAccounting, final_code, record_of, status_label
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings
@@ -52,6 +52,7 @@ async def app_client() -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             client.factory = factory  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
             yield client
 
 
@@ -145,3 +146,25 @@ async def test_error_messages_say_what_and_where(app_client: httpx.AsyncClient) 
     assert both["param"] == "messages"
     root = await app_client.get("/")
     assert root.status_code == 404 and root.json()["error"]["type"] == "not_found"
+
+
+async def test_a_response_the_client_left_counts_as_cancelled(app_client: httpx.AsyncClient) -> None:
+    """Starlette ends a streamed response without its last body message when the client goes away."""
+    app = app_client.app  # type: ignore[attr-defined]
+    metrics = app.state.resources.metrics
+
+    async def half_sent(scope: Any, receive: Any, send: Any) -> None:
+        record_of(scope).slot = "standard"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    accounting = RequestAccounting(half_sent, frozenset({"/generate"}))
+    await accounting({"type": "http", "path": "/generate", "app": app}, None, send)
+    text = metrics.render().decode()
+    assert metric(text, "llm_requests_total", model="standard", status="cancelled", code="499") == 1
+    assert (b"x-cache", b"MISS") in sent[0]["headers"]
