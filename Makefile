@@ -37,7 +37,7 @@ $(DEMO_MODEL): | $(STAMP)
 # With the cache on, runs a local redis-server for as long as the service runs, unless one answers
 # (or REDIS_HOST is remote): scripts/serve.sh.
 serve: setup
-	bash scripts/serve.sh $(BIN)/python -m llm_service
+	scripts/serve.sh $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# make serve: run the service (the command given, by default .venv/bin/python -m llm_service).
-# With the response cache on (LLM_CACHE_ENABLED, default true) and a local Redis address that
-# nothing answers on, it starts a redis-server for the run and stops it when the service exits.
+# `make serve`: run the service. With the response cache on (LLM_CACHE_ENABLED, default true) and
+# a local Redis address that nothing answers on, start a redis-server for the run and stop it when
+# the service exits; with the cache off, start none.
+# Usage: scripts/serve.sh PYTHON [ARGS...]   (runs PYTHON -m llm_service ARGS...)
 set -euo pipefail
-
-if [ "$#" -eq 0 ]; then
-  set -- .venv/bin/python -m llm_service
-fi
+python=${1:?usage: scripts/serve.sh PYTHON [ARGS...]}
+shift
 
 host=${REDIS_HOST:-localhost}
 port=${REDIS_PORT:-6379}
@@ -56,7 +55,7 @@ case "$cache" in
 esac
 
 # In the background so that a TERM reaches it through the trap; wait again after a signal.
-"$@" &
+"$python" -m llm_service "$@" &
 service_pid=$!
 while kill -0 "$service_pid" 2>/dev/null; do
   wait "$service_pid" || true

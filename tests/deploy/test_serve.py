@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,18 @@ def listening(port: int) -> bool:
         return False
 
 
+def fake_python(tmp_path: Path, program: str, *args: str) -> Path:
+    """Stands in for the venv's python: `fake -m llm_service` runs `program` with `args`."""
+    path = tmp_path / "python"
+    source = tmp_path / "service.py"
+    source.write_text(program, encoding="utf-8")
+    quoted = " ".join(f"'{a}'" for a in args)
+    check = '[ "$1 $2" = "-m llm_service" ] || exit 9'
+    path.write_text(f"#!/usr/bin/env bash\n{check}\nexec {sys.executable} {source} {quoted}\n")
+    path.chmod(0o755)
+    return path
+
+
 def env(port: int, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "LLM_CACHE"))}
     return {**base, "REDIS_PORT": str(port), **extra}
@@ -60,20 +73,20 @@ def needs_redis() -> None:
         pytest.fail("redis-server is not installed (make setup installs it)")
 
 
-def test_redis_runs_with_the_service_and_stops_after() -> None:
+def test_redis_runs_with_the_service_and_stops_after(tmp_path: Path) -> None:
     port = free_port()
     result = subprocess.run(
-        ["bash", str(SERVE), sys.executable, "-c", PROBE, "up"], env=env(port), capture_output=True, text=True
+        [str(SERVE), str(fake_python(tmp_path, PROBE, "up"))], env=env(port), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "started redis-server" in result.stderr
     assert not listening(port), "serve.sh left its redis-server running"
 
 
-def test_no_redis_when_the_cache_is_off() -> None:
+def test_no_redis_when_the_cache_is_off(tmp_path: Path) -> None:
     port = free_port()
     result = subprocess.run(
-        ["bash", str(SERVE), sys.executable, "-c", PROBE, "down"],
+        [str(SERVE), str(fake_python(tmp_path, PROBE, "down"))],
         env=env(port, LLM_CACHE_ENABLED="false"),
         capture_output=True,
         text=True,
@@ -82,19 +95,19 @@ def test_no_redis_when_the_cache_is_off() -> None:
     assert "redis-server" not in result.stderr
 
 
-def test_the_service_exit_status_is_kept() -> None:
+def test_the_service_exit_status_is_kept(tmp_path: Path) -> None:
     result = subprocess.run(
-        ["bash", str(SERVE), sys.executable, "-c", "raise SystemExit(7)"],
+        [str(SERVE), str(fake_python(tmp_path, "raise SystemExit(7)"))],
         env=env(free_port(), LLM_CACHE_ENABLED="false"),
         capture_output=True,
     )
     assert result.returncode == 7
 
 
-def test_sigterm_stops_the_service_then_redis() -> None:
+def test_sigterm_stops_the_service_then_redis(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        ["bash", str(SERVE), sys.executable, "-c", UNTIL_TERM],
+        [str(SERVE), str(fake_python(tmp_path, UNTIL_TERM))],
         env=env(port),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
