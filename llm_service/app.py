@@ -21,6 +21,7 @@ from llm_service.logging import RequestIdMiddleware
 from llm_service.metrics import Metrics
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy
 from llm_service.registry.memory import DeviceMemory, FreeMemory
+from llm_service.request_metrics import RequestAccounting, generation_paths
 from llm_service.settings import Settings
 from llm_service.slot_config import build_slot_configs
 from llm_service.tracing import build_tracer
@@ -123,6 +124,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestAccounting, paths=generation_paths([generate.router, openai.router]))
     app.add_middleware(RequestIdMiddleware)
     app.include_router(generate.router)
     app.include_router(health.router)

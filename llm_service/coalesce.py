@@ -172,7 +172,7 @@ class Coalescer:
         flight = self._joinable(plan.key)
         if flight is not None:
             return self._join(flight, plan)
-        entry = await self.cache.get(plan.key)
+        entry = await self.cache.get(plan.key, model=slot)
         if entry is not None:
             self.metrics.cache_hits.labels(model=slot).inc()
             return Served(_replay(entry), "hit", entry=entry)
@@ -251,6 +251,6 @@ class Coalescer:
         if entry is None:
             return
         try:
-            await self.cache.set(flight.plan.key, entry, flight.ttl)
+            await self.cache.set(flight.plan.key, entry, flight.ttl, model=flight.slot)
         except Exception as exc:  # a ResponseCache must not raise; if one does, the request is unaffected
             log.warning("cache_store_failed", error=str(exc))

@@ -8,6 +8,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # Latency buckets from 50 ms to 10 min: CPU demo runs are slow, GPU runs fast.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+# Label values of llm_cache_errors_total{operation}: ping is the health check, not a slot's.
+CACHE_OPERATIONS = ("get", "set", "ping", "decode")
 
 
 class Metrics:
@@ -19,7 +21,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "llm_requests", "Generation requests by slot and outcome.", ["model", "status"], registry=r
+            "llm_requests",
+            "Requests to a generation endpoint by slot (unknown before one was named), outcome and HTTP status.",
+            ["model", "status", "code"],
+            registry=r,
         )
         self.tokens_generated = Counter(
             "llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r
@@ -92,8 +97,8 @@ class Metrics:
         )
         self.cache_errors = Counter(
             "llm_cache_errors",
-            "Failed Redis operations or unreadable entries (each a miss or a lost write).",
-            ["operation"],
+            "Failed Redis operations or unreadable entries (each a miss or a lost write); model empty for ping.",
+            ["model", "operation"],
             registry=r,
         )
         self.cache_coalesced = Counter(
@@ -124,7 +129,10 @@ class Metrics:
             self.cache_coalesced,
         ):
             collector.labels(model=slot)
-        self.requests.labels(model=slot, status="success")
+        self.requests.labels(model=slot, status="success", code="200")
+        for operation in CACHE_OPERATIONS:
+            if operation != "ping":
+                self.cache_errors.labels(model=slot, operation=operation)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

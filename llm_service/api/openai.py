@@ -6,6 +6,7 @@ metrics and limits are the same; this module only translates OpenAI's shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, ResourcesDep
+from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
 from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
@@ -312,9 +313,10 @@ async def chat_completions(
     body: ChatCompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = chat_spec(body, request_id, cache_control)
+    spec = dataclasses.replace(chat_spec(body, request_id, cache_control), record=record)
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)
@@ -330,9 +332,10 @@ async def completions(
     body: CompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    specs = completion_specs(body, request_id, cache_control)
+    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control)]
     created = int(time.time())
     if body.stream:
         merged = MergedStreams(await open_all(generation, specs))
