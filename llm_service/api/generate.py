@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from llm_service.api.deps import GenerationDep, RequestIdDep
+from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
@@ -59,6 +60,7 @@ def response_of(result: GenerationResult) -> GenerateResponse:
         usage=usage_of(result),
         timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
         cached=result.cached,
+        coalesced=result.coalesced,
     )
 
 
@@ -93,9 +95,10 @@ async def generate(
     body: GenerateRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = spec_from_request(body, request_id, cache_control)
+    spec = dataclasses.replace(spec_from_request(body, request_id, cache_control), record=record)
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())
