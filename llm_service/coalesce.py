@@ -12,7 +12,7 @@ import structlog
 
 from llm_service.cache import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
 from llm_service.engines.base import GenerationDelta
-from llm_service.errors import ServiceError, to_service_error
+from llm_service.errors import EngineFailure, ServiceError, to_service_error
 from llm_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -232,6 +232,11 @@ class Coalescer:
             except Exception as exc:
                 flight.fail(to_service_error(exc))
                 return
+            except asyncio.CancelledError:
+                # Cancelled by the service (closing), not by a reader leaving (then none is left):
+                # release the readers with an error rather than leave them waiting.
+                flight.fail(EngineFailure("the generation was stopped: the service is shutting down", retry_after=1))
+                raise
             finally:
                 if run is not None:
                     await run.aclose()  # idempotent; releases the slot if iteration never began

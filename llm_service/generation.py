@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -273,7 +274,9 @@ class GenerationService:
         engine = await stream.enter(self.registry.acquire(stream.result.slot))
         stream.result.prompt = self._prompt(engine, spec)
         sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
-        await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))
+        # The client's request id may repeat (X-Request-ID); the engine's must be unique.
+        engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
+        await stream.start(engine, GenerationRequest(engine_request_id, stream.result.prompt, sampling))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""

@@ -64,6 +64,21 @@ class Metrics:
         self.evictions = Counter(
             "llm_model_evictions", "Slots unloaded to make room for another.", ["model"], registry=r
         )
+        self.model_loads = Counter(
+            "llm_model_loads", "Engine starts (successful or not), lazy loads and retries included.", ["model"],
+            registry=r,
+        )
+        self.load_wait = Histogram(
+            "llm_model_load_wait_seconds",
+            "Time requests waited for their slot to be loaded (or to get room in the budget) before running.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_deaths = Counter(
+            "llm_engine_deaths", "Loaded engines that died (the slot reloads after a back-off).", ["model"],
+            registry=r,
+        )
         self.idle_unloads = Counter(
             "llm_model_idle_unloads", "Slots unloaded after their idle time.", ["model"], registry=r
         )
@@ -104,6 +119,9 @@ class Metrics:
             self.model_load_failures,
             self.model_memory_share,
             self.evictions,
+            self.model_loads,
+            self.load_wait,
+            self.engine_deaths,
             self.idle_unloads,
             self.engine_generations,
             self.cache_hits,

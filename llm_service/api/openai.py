@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
-from llm_service.api.fanout import close_all, complete_all, merged, merged_headers, open_all
+from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -278,8 +278,9 @@ async def chat_chunks(
 
 
 async def completion_chunks(
-    streams: Sequence[GenerationStream], body: CompletionRequest, request_id: str, created: int
+    merged: MergedStreams, body: CompletionRequest, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    streams = merged.streams
     out = ChunkWriter("text_completion", f"cmpl-{request_id}", body.model, created, body.include_usage)
     n = body.n or 1
     offsets: dict[int, int] = {}
@@ -289,7 +290,7 @@ async def completion_chunks(
                 yield out.chunk([{"index": position * n + index, "text": stream.result.prompt,
                                   "logprobs": None, "finish_reason": None}])
     try:
-        async for position, delta in merged(streams):
+        async for position, delta in merged:
             index = position * n + delta.index
             logprobs = None
             if body.logprobs is not None:
@@ -337,10 +338,10 @@ async def completions(
     specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control)]
     created = int(time.time())
     if body.stream:
-        streams = await open_all(generation, specs)
-        headers = merged_headers([s.result for s in streams])
-        chunks = completion_chunks(streams, body, request_id, created)
-        return SSEResponse(chunks, on_close=lambda: close_all(streams), headers=headers)
+        merged = MergedStreams(await open_all(generation, specs))
+        headers = merged_headers([s.result for s in merged.streams])
+        chunks = completion_chunks(merged, body, request_id, created)
+        return SSEResponse(chunks, on_close=merged.aclose, headers=headers)
     results = await complete_all(generation, specs)
     response = completion_response(results, body, request_id, created)
     return JSONResponse(response, headers=merged_headers(results))

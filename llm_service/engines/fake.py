@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llm_service.engines.base import (
@@ -20,9 +20,9 @@ from llm_service.engines.base import (
 class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
-    `start_delay` and `token_delay` stretch time so tests can overlap requests;
+    `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine.
+    dead engine (kill() also signals its death, as vLLM's engine-dead notification does).
     """
 
     def __init__(
@@ -30,12 +30,14 @@ class FakeEngine:
         config: EngineConfig,
         *,
         start_delay: float = 0.0,
+        shutdown_delay: float = 0.0,
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
+        self.shutdown_delay = shutdown_delay
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
@@ -44,6 +46,8 @@ class FakeEngine:
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
+        self.request_ids: list[str] = []
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
@@ -71,6 +75,7 @@ class FakeEngine:
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
+        self.request_ids.append(request.request_id)
         text = self.answer(request.prompt)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
@@ -120,9 +125,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        self._on_dead = callback
+
     async def shutdown(self) -> None:
         self.shutdowns += 1
+        self._on_dead = None
+        await asyncio.sleep(self.shutdown_delay)
         self.started = False
 
     def kill(self) -> None:
+        """Die now, and signal it (on the next turn of the loop, like vLLM's output handler)."""
         self.dead = True
+        callback, self._on_dead = self._on_dead, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback, EngineDead("fake engine was killed"))
