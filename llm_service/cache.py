@@ -54,6 +54,7 @@ def cache_key(
     prompt: str | None,
     messages: list[dict[str, Any]] | None,
     default_max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """`{namespace}:response:v{schema}:{slot}:{sha256}` over everything that changes the output.
 
@@ -76,6 +77,9 @@ def cache_key(
         "messages": messages,
         "sampling": params,
     }
+    if extra:
+        # Token-id prompts and images beside a prompt; absent otherwise, so older keys stay valid.
+        material["input"] = extra
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     return f"{namespace}:response:v{SCHEMA_VERSION}:{config.slot}:{digest}"
@@ -97,6 +101,7 @@ class CachePolicy:
         prompt: str | None,
         messages: list[dict[str, Any]] | None,
         config: EngineConfig,
+        extra: dict[str, Any] | None = None,
     ) -> CachePlan | None:
         """None: the request bypasses the cache (and coalescing) entirely."""
         if not self.enabled or control.force is False:
@@ -105,7 +110,7 @@ class CachePolicy:
             return None
         if control.no_cache and control.no_store:
             return None
-        key = cache_key(self.namespace, config, sampling, prompt, messages, self.default_max_tokens)
+        key = cache_key(self.namespace, config, sampling, prompt, messages, self.default_max_tokens, extra)
         ttl = control.ttl or self.default_ttl
         return CachePlan(key, read=not control.no_cache, store=not control.no_store, ttl=ttl)
 

@@ -18,11 +18,14 @@ from llm_service.engines.base import (
     Engine,
     GenerationDelta,
     GenerationRequest,
+    InvalidImage,
+    PromptInput,
     PromptTooLong,
     SamplingOptions,
     TokenLogprob,
 )
 from llm_service.errors import InvalidRequest, ServiceError, to_service_error
+from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
@@ -40,6 +43,12 @@ class GenerationSpec:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     cache: CacheControl = field(default_factory=CacheControl)
+    token_ids: tuple[int, ...] | None = None  # a prompt given as token ids (/v1/completions)
+    images: tuple[str, ...] = ()  # image URLs that go with `prompt`
+
+    def prompt_input(self) -> PromptInput:
+        """What the engine renders."""
+        return PromptInput(text=self.prompt, token_ids=self.token_ids, messages=self.messages, images=self.images)
 
 
 @dataclass
@@ -222,12 +231,13 @@ class GenerationService:
         EngineFailure.
         """
         slot = self.registry.find(spec.slot)
+        images = await inspect_images(spec.messages, spec.images, slot.config.images)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(
             request_id=spec.request_id,
             slot=slot.name,
             model_id=slot.config.model_id,
-            input=spec.messages if spec.messages is not None else spec.prompt,
+            input=_trace_input(spec, images),
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
@@ -235,8 +245,11 @@ class GenerationService:
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
-        if coalescer is not None:
-            plan = coalescer.policy.plan(spec.cache, spec.sampling, spec.prompt, spec.messages, slot.config)
+        if coalescer is not None and images.cacheable:
+            plan = coalescer.policy.plan(
+                spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
+                extra=_key_extra(spec, images),
+            )
         if coalescer is None or plan is None:
             return await self._opened(stream, self._start(stream, spec))
         return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
@@ -264,9 +277,16 @@ class GenerationService:
     async def _start(self, stream: GenerationStream, spec: GenerationSpec) -> None:
         """Acquire the slot, render and check the prompt, start the engine."""
         engine = await stream.enter(self.registry.acquire(stream.result.slot))
-        stream.result.prompt = self._prompt(engine, spec)
-        sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
-        await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))
+        try:
+            rendered = await engine.render(spec.prompt_input())
+        except InvalidImage as exc:
+            raise InvalidRequest(str(exc), param="images" if spec.images else "messages") from exc
+        except ValueError as exc:
+            param = "messages" if spec.messages is not None else "prompt"
+            raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
+        stream.result.prompt = rendered.text
+        sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
+        await stream.start(engine, GenerationRequest(spec.request_id, rendered, sampling))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
@@ -291,19 +311,9 @@ class GenerationService:
             pass
         return stream.result
 
-    def _prompt(self, engine: Engine, spec: GenerationSpec) -> str:
-        if spec.messages is not None:
-            try:
-                return engine.render_chat(spec.messages)
-            except ValueError as exc:
-                raise InvalidRequest(f"cannot render messages: {exc}", param="messages") from exc
-        assert spec.prompt is not None
-        return spec.prompt
-
-    def _bounded(self, engine: Engine, prompt: str, sampling: SamplingOptions) -> SamplingOptions:
-        """Fill in the default max_tokens and check the prompt fits the slot's context."""
+    def _bounded(self, engine: Engine, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
+        """Fill in the default max_tokens and check the prompt (image tokens included) fits the context."""
         limit = engine.config.max_model_len
-        prompt_tokens = engine.count_tokens(prompt)
         max_tokens = sampling.max_tokens
         if max_tokens <= 0:
             max_tokens = max(1, min(self.default_max_tokens, limit - prompt_tokens))
@@ -337,6 +347,27 @@ class GenerationService:
             ttft=_round(result.time_to_first_token),
             seconds=_round(result.total_time),
         )
+
+
+def _trace_input(spec: GenerationSpec, images: RequestImages) -> Any:
+    """The request's input as traces record it: images by size and hash, never their bytes."""
+    if spec.messages is not None:
+        return images.summarised_messages or spec.messages
+    if spec.token_ids is not None:
+        return {"token_ids": list(spec.token_ids)}
+    if images is not NO_IMAGES:
+        return {"prompt": spec.prompt, "images": images.summaries()}
+    return spec.prompt
+
+
+def _key_extra(spec: GenerationSpec, images: RequestImages) -> dict[str, Any] | None:
+    """Cache key material beyond prompt and messages: token ids, images beside a prompt."""
+    extra: dict[str, Any] = {}
+    if spec.token_ids is not None:
+        extra["token_ids"] = list(spec.token_ids)
+    if spec.images:
+        extra["images"] = images.summaries()
+    return extra or None
 
 
 def _round(value: float | None) -> float | None:

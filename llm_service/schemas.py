@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llm_service.cache_control import CacheOptions
 
 
+class ImageURL(BaseModel):
+    """Where an image is: a data: URL (base64), or an http(s) URL on an allowed host."""
+
+    url: str = Field(description="data:image/png;base64,... or https://host/path (LLM_IMAGE_FETCH_HOSTS).")
+    detail: str | None = Field(None, description="Accepted and ignored (as OpenAI's).")
+
+
+class TextPart(BaseModel):
+    """A text content part."""
+
+    type: Literal["text"] = Field(description="text")
+    text: str = Field(description="The text.")
+
+
+class ImagePart(BaseModel):
+    """An image content part, as in OpenAI's chat API."""
+
+    type: Literal["image_url"] = Field(description="image_url")
+    image_url: ImageURL = Field(description="The image.")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
-    """One chat message; content is plain text."""
+    """One chat message; content is text, or text and image parts (images on the multimodal slot)."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"] = Field(description="Who speaks.")
-    content: str = Field(description="The message text.")
+    content: str | list[ContentPart] = Field(description="The message text, or a list of content parts.")
 
 
 MAX_STOP = 16
@@ -61,6 +85,11 @@ class GenerateRequest(SamplingFields):
 
     model: str = Field("standard", description="Slot name (standard, longctx, multimodal) or its model id.")
     prompt: str | None = Field(None, description="Raw prompt text, sent to the model as is.")
+    images: list[str] | None = Field(
+        None,
+        description="Image URLs (data: or allowed http(s)) that go with `prompt`: each takes the place of one "
+        "image placeholder of the model in the prompt (e.g. <image>), or, with none, goes before the text.",
+    )
     messages: list[ChatMessage] | None = Field(
         None, description="Chat messages, rendered with the model's chat template."
     )
@@ -75,6 +104,8 @@ class GenerateRequest(SamplingFields):
             raise ValueError("'messages' must not be empty")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("'prompt' must not be empty")
+        if self.images is not None and self.prompt is None:
+            raise ValueError("'images' go with 'prompt'; in 'messages' images are image_url content parts")
         return self
 
 

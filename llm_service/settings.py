@@ -19,6 +19,8 @@ PRODUCTION_MODELS: dict[str, str] = {
 DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
+# The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
+DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
 
 
 class SettingsError(ValueError):
@@ -245,6 +247,41 @@ class LangfuseSettings(BaseSettings):
         return value
 
 
+class ImageSettings(BaseSettings):
+    """Images in requests (LLM_IMAGE_*): limits, and which hosts image URLs may be fetched from."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_IMAGE_", extra="ignore")
+
+    max_per_request: int = Field(4, ge=0, le=64, description="Most images one request may carry (0 = none).")
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest encoded image (decoded data: URL or download) in bytes."
+    )
+    max_pixels: int = Field(
+        16_777_216, ge=1024, description="Most pixels (width x height) one image may have."
+    )
+    fetch_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of hosts whose http(s) image URLs the service fetches (no redirects); "
+        "empty (the default) accepts data: URLs only.",
+    )
+    fetch_timeout_seconds: int = Field(5, ge=1, le=60, description="Longest download of one image URL.")
+
+    @field_validator("fetch_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fetch_hosts")
+    @classmethod
+    def _plain_hosts(cls, value: list[str]) -> list[str]:
+        bad = [host for host in value if "/" in host or ":" in host or "*" in host]
+        if bad:
+            raise ValueError(f"give host names only (no scheme, port, path or wildcard): {bad}")
+        return [host.lower() for host in value]
+
+
 class Settings(BaseModel):
     """The whole configuration; build with `load_settings()` from the environment."""
 
@@ -252,6 +289,7 @@ class Settings(BaseModel):
     llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
     redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
     langfuse: LangfuseSettings = Field(default_factory=lambda: LangfuseSettings())
+    images: ImageSettings = Field(default_factory=lambda: ImageSettings())
 
 
 _SECTIONS: dict[str, type[BaseSettings]] = {
@@ -259,6 +297,7 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "llm": LLMSettings,
     "redis": RedisSettings,
     "langfuse": LangfuseSettings,
+    "images": ImageSettings,
 }
 
 

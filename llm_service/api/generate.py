@@ -29,7 +29,7 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
     )
-    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages is not None else None
     return GenerationSpec(
         request_id=request_id,
         slot=body.model,
@@ -37,6 +37,7 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         prompt=body.prompt,
         messages=messages,
         cache=CacheControl.parse(cache_header, body.cache),
+        images=tuple(body.images or ()),
     )
 
 

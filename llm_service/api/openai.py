@@ -72,8 +72,6 @@ async def retrieve_model(model: str, registry: RegistryDep, resources: Resources
 def _sampling(
     body: OpenAISampling, max_tokens: int | None, logprobs: int | None, json_schema: dict[str, Any] | None
 ) -> SamplingOptions:
-    if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
     return SamplingOptions(
         max_tokens=max_tokens or 0,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -86,24 +84,32 @@ def _sampling(
         n=body.n or 1,
         logprobs=logprobs,
         json_schema=json_schema,
+        logit_bias=_logit_bias(body.logit_bias),
     )
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's map of token id (as a string) to a bias in [-100, 100]."""
+    if not bias:
+        return None
+    try:
+        parsed = {int(token): float(value) for token, value in bias.items()}
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    if any(token < 0 for token in parsed) or any(not -100 <= value <= 100 for value in parsed.values()):
+        raise InvalidRequest("logit_bias maps token ids >= 0 to values in [-100, 100]", param="logit_bias")
+    return parsed
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """The message as vLLM's renderer takes it (content parts, images included, pass through)."""
     param = f"messages.{index}"
     if message.role in ("tool", "function") or message.tool_calls:
         raise InvalidRequest("tool and function calling are not supported", param=param)
-    content = message.content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type")
-                raise InvalidRequest(f"only text content parts are supported, not {kind!r}", param=param)
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": content}
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+    if message.name:
+        rendered["name"] = message.name
+    return rendered
 
 
 def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
@@ -130,11 +136,7 @@ def completion_specs(
     body: CompletionRequest, request_id: str, cache_header: str | None
 ) -> list[GenerationSpec]:
     """One generation per prompt; InvalidRequest for unsupported fields."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise InvalidRequest("prompt must not be empty", param="prompt")
-    if not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequest("token-id prompts are not supported; send text", param="prompt")
+    prompts = _prompts(body.prompt)
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -148,11 +150,31 @@ def completion_specs(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
             slot=body.model,
             sampling=sampling,
-            prompt=str(prompt),
+            prompt=prompt if isinstance(prompt, str) else None,
+            token_ids=None if isinstance(prompt, str) else prompt,
             cache=cache,
         )
         for i, prompt in enumerate(prompts)
     ]
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | tuple[int, ...]]:
+    """The prompts of a completion request: text, or token ids (one list, or a list of lists)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [tuple(prompt)]  # type: ignore[arg-type]
+    prompts: list[str | tuple[int, ...]] = []
+    for p in prompt:
+        if isinstance(p, str):
+            prompts.append(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+            prompts.append(tuple(p))
+        else:
+            raise InvalidRequest("prompt is text, a list of texts, token ids or lists of token ids", param="prompt")
+    return prompts
 
 
 # --- results to OpenAI shapes ----------------------------------------------------------------

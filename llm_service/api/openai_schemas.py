@@ -72,7 +72,9 @@ class OpenAISampling(StopSequences):
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty for present tokens.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty by token frequency.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is a 400.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100] added to its logit."
+    )
     user: str | None = Field(None, description="Accepted and ignored (never logged nor sent to the engine).")
     stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with data: [DONE].")
     stream_options: StreamOptions | None = Field(None, description="Options of a streamed response.")
@@ -89,10 +91,12 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
-        description="Who speaks; developer is treated as system; tool and function are not supported."
+        description="Who speaks; developer becomes system where the chat template has no developer role."
     )
-    content: str | list[dict[str, Any]] | None = Field(None, description="Text, or parts of type text.")
-    name: str | None = Field(None, description="Accepted and ignored.")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or content parts: text, and image_url (data: URLs; http(s) on allowed hosts)."
+    )
+    name: str | None = Field(None, description="Name of the speaker, passed to the chat template.")
     tool_calls: list[dict[str, Any]] | None = Field(None, description="Not supported when non-empty.")
 
 
@@ -116,7 +120,7 @@ class CompletionRequest(OpenAISampling):
     """Body of POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A prompt or a list of prompts (text; token-id prompts are not supported)."
+        description="A prompt or a list of prompts: text, or token ids."
     )
     echo: bool | None = Field(False, description="Prepend the prompt to each choice's text.")
     logprobs: int | None = Field(

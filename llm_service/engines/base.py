@@ -8,6 +8,17 @@ from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class ImageLimits:
+    """What images a request may carry (LLM_IMAGE_*); the engine enforces them on what it fetches."""
+
+    max_images: int = 4
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 16_777_216
+    fetch_hosts: tuple[str, ...] = ()  # empty: only data: URLs
+    fetch_timeout_seconds: int = 5
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to start one engine for one slot."""
 
@@ -20,6 +31,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     revision: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
+    images: ImageLimits = field(default_factory=ImageLimits)
 
 
 @dataclass(frozen=True)
@@ -40,14 +52,45 @@ class SamplingOptions:
     logprobs: int | None = None
     # Structured output: a JSON schema, or {} for "any JSON object".
     json_schema: dict[str, Any] | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """What the model is asked to continue, as the client gave it, before the engine renders it.
+
+    Exactly one of `text`, `token_ids` and `messages` is set. `messages` are OpenAI chat messages
+    (content a string or content parts, images as `image_url` parts); `images` are image URLs
+    (data: or http(s)) that go with a `text` prompt, placed as the engine documents.
+    """
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: list[dict[str, Any]] | None = None
+    images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt after rendering and tokenization, ready for one engine.
+
+    `prompt_tokens` counts every token the model reads, image tokens included; `payload` is the
+    engine's own input (vLLM's EngineInput), opaque to the rest of the service.
+    """
+
+    text: str
+    prompt_tokens: int
+    images: int = 0
+    payload: Any = None
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: a rendered prompt (text) and its sampling options."""
+    """One generation: a rendered prompt and its sampling options."""
 
     request_id: str
-    prompt: str
+    prompt: RenderedPrompt
     sampling: SamplingOptions
 
 
@@ -97,6 +140,10 @@ class PromptTooLong(ValueError):
         self.max_model_len = max_model_len
 
 
+class InvalidImage(ValueError):
+    """An image the engine cannot fetch, decode or take; the message says which one and why."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine serving one model in this process."""
@@ -106,11 +153,11 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; returns when the engine accepts requests. Raises on failure."""
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """Render chat messages to a prompt with the model's chat template (generation prompt added)."""
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        """Render (chat template, images) and tokenize a prompt once, off the event loop.
 
-    def count_tokens(self, prompt: str) -> int:
-        """Number of tokens the prompt encodes to (as the engine will count them)."""
+        Raises ValueError (InvalidImage for an image) for a prompt the model cannot take.
+        """
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Yield deltas until every choice has finished.

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from llm_service.engines.base import (
     EngineConfig,
     EngineDead,
     GenerationDelta,
     GenerationRequest,
+    InvalidImage,
+    PromptInput,
     PromptTooLong,
+    RenderedPrompt,
     TokenLogprob,
 )
 
@@ -22,7 +24,8 @@ class FakeEngine:
 
     `start_delay` and `token_delay` stretch time so tests can overlap requests;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine.
+    dead engine; `image_tokens` is what one image costs (None: the model takes no images).
+    A prompt's tokens are its words.
     """
 
     def __init__(
@@ -33,12 +36,14 @@ class FakeEngine:
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
+        image_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
+        self.image_tokens = image_tokens
         self.started = False
         self.dead = False
         self.shutdowns = 0
@@ -51,11 +56,25 @@ class FakeEngine:
             raise self.fail_start
         self.started = True
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(prompt.split())
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        images = len(prompt.images)
+        if prompt.messages is not None:
+            parts = []
+            for m in prompt.messages:
+                content = m["content"]
+                if isinstance(content, list):
+                    images += sum(1 for part in content if part.get("type") == "image_url")
+                    content = " ".join(part["text"] for part in content if part.get("type") == "text")
+                parts.append(f"<|{m['role']}|>{content}\n")
+            text = "".join(parts) + "<|assistant|>"
+        elif prompt.token_ids is not None:
+            text = " ".join(f"t{token}" for token in prompt.token_ids)
+        else:
+            text = prompt.text or ""
+        if images and self.image_tokens is None:
+            raise InvalidImage(f"model {self.config.model_id} takes no images")
+        tokens = len(text.split()) + images * (self.image_tokens or 0)
+        return RenderedPrompt(text=text, prompt_tokens=tokens, images=images)
 
     def answer(self, prompt: str) -> str:
         """The text a prompt gets: deterministic, and 'Paris' for the capital question."""
@@ -67,11 +86,11 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
         sampling = request.sampling
-        prompt_tokens = self.count_tokens(request.prompt)
+        prompt_tokens = request.prompt.prompt_tokens
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
-        text = self.answer(request.prompt)
+        text = self.answer(request.prompt.text)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")
