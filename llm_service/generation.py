@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
 from llm_service.engines.base import (
+    ChatConfig,
     Engine,
     GenerationDelta,
     GenerationRequest,
@@ -23,6 +25,7 @@ from llm_service.engines.base import (
     PromptTooLong,
     SamplingOptions,
     TokenLogprob,
+    ToolCallDelta,
 )
 from llm_service.errors import InvalidRequest, ServiceError, to_service_error
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
@@ -45,10 +48,28 @@ class GenerationSpec:
     cache: CacheControl = field(default_factory=CacheControl)
     token_ids: tuple[int, ...] | None = None  # a prompt given as token ids (/v1/completions)
     images: tuple[str, ...] = ()  # image URLs that go with `prompt`
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, with messages
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def prompt_input(self) -> PromptInput:
         """What the engine renders."""
-        return PromptInput(text=self.prompt, token_ids=self.token_ids, messages=self.messages, images=self.images)
+        return PromptInput(
+            text=self.prompt, token_ids=self.token_ids, messages=self.messages, images=self.images,
+            tools=self.tools, tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+        )
+
+
+@dataclass
+class ToolCall:
+    """One complete tool call of a choice, folded from its deltas."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
 
 
 @dataclass
@@ -58,6 +79,23 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add_tool_calls(self, deltas: tuple[ToolCallDelta, ...]) -> None:
+        """Fold call pieces: the first piece of a call brings its id and name, later ones arguments."""
+        for delta in deltas:
+            while len(self.tool_calls) <= delta.index:
+                self.tool_calls.append(ToolCall(id="", name=""))
+            call = self.tool_calls[delta.index]
+            call.id = delta.id or call.id
+            call.name = delta.name or call.name
+            call.arguments += delta.arguments
+
+    def trace_output(self) -> str:
+        """What a trace records as this choice's output: its text, or its tool calls."""
+        if not self.tool_calls:
+            return self.text
+        return json.dumps({"content": self.text or None, "tool_calls": [c.as_dict() for c in self.tool_calls]})
 
 
 @dataclass
@@ -83,6 +121,7 @@ class GenerationResult:
         choice.text += delta.text
         choice.completion_tokens = delta.completion_tokens
         choice.logprobs.extend(delta.logprobs)
+        choice.add_tool_calls(delta.tool_calls)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
         self.prompt_tokens = delta.prompt_tokens
@@ -191,7 +230,7 @@ class GenerationStream:
             result.total_time = time.perf_counter() - self._started
             self._service.record(result, self._outcome, self.ran_engine, self._counts_request)
             self.trace.end(
-                outputs=[c.text for c in result.choices],
+                outputs=[c.trace_output() for c in result.choices],
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 time_to_first_token=result.time_to_first_token,
@@ -248,7 +287,7 @@ class GenerationService:
         if coalescer is not None and images.cacheable:
             plan = coalescer.policy.plan(
                 spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
-                extra=_key_extra(spec, images),
+                extra=_key_extra(spec, images, slot.config.chat),
             )
         if coalescer is None or plan is None:
             return await self._opened(stream, self._start(stream, spec))
@@ -360,13 +399,18 @@ def _trace_input(spec: GenerationSpec, images: RequestImages) -> Any:
     return spec.prompt
 
 
-def _key_extra(spec: GenerationSpec, images: RequestImages) -> dict[str, Any] | None:
-    """Cache key material beyond prompt and messages: token ids, images beside a prompt."""
+def _key_extra(spec: GenerationSpec, images: RequestImages, chat: ChatConfig) -> dict[str, Any] | None:
+    """Cache key material beyond prompt and messages: token ids, images beside a prompt, tools,
+    and the slot's chat template and tool parser (they change the prompt and the parsed output)."""
     extra: dict[str, Any] = {}
     if spec.token_ids is not None:
         extra["token_ids"] = list(spec.token_ids)
     if spec.images:
         extra["images"] = images.summaries()
+    if spec.tools:
+        extra["tools"] = {"tools": spec.tools, "choice": spec.tool_choice, "parallel": spec.parallel_tool_calls}
+    if chat != ChatConfig():
+        extra["chat"] = dataclasses.asdict(chat)
     return extra or None
 
 

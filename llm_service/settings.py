@@ -282,6 +282,51 @@ class ImageSettings(BaseSettings):
         return [host.lower() for host in value]
 
 
+class ChatSettings(BaseSettings):
+    """Per-slot chat template and tool-call parser (LLM_CHAT_TEMPLATE_<SLOT>, LLM_TOOL_PARSER_<SLOT>),
+    as `vllm serve --chat-template` and `--tool-call-parser`."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    chat_template_standard: Path | None = Field(
+        None, description="Jinja chat template file for standard; unset: the model's own (the demo: a tool template)."
+    )
+    chat_template_longctx: Path | None = Field(None, description="Jinja chat template file for longctx.")
+    chat_template_multimodal: Path | None = Field(None, description="Jinja chat template file for multimodal.")
+    tool_parser_standard: str | None = Field(
+        None, description="vLLM tool-call parser of standard; unset: the one for the slot's model; none: no tools."
+    )
+    tool_parser_longctx: str | None = Field(None, description="vLLM tool-call parser of longctx (as standard's).")
+    tool_parser_multimodal: str | None = Field(
+        None, description="vLLM tool-call parser of multimodal (as standard's)."
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="vLLM's --tool-strict-level for every slot: parameter makes each call's arguments follow its "
+        "tool's JSON schema; auto only for tools marked strict.",
+    )
+
+    @field_validator("chat_template_standard", "chat_template_longctx", "chat_template_multimodal")
+    @classmethod
+    def _template_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tool_parser_standard", "tool_parser_longctx", "tool_parser_multimodal")
+    @classmethod
+    def _parser_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError(f"not a tool parser name: {value!r} (e.g. llama3_json, mistral, hermes, none)")
+        return value
+
+    def chat_template_for(self, slot: str) -> Path | None:
+        return getattr(self, f"chat_template_{slot}")
+
+    def tool_parser_for(self, slot: str) -> str | None:
+        return getattr(self, f"tool_parser_{slot}")
+
+
 class Settings(BaseModel):
     """The whole configuration; build with `load_settings()` from the environment."""
 
@@ -290,6 +335,7 @@ class Settings(BaseModel):
     redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
     langfuse: LangfuseSettings = Field(default_factory=lambda: LangfuseSettings())
     images: ImageSettings = Field(default_factory=lambda: ImageSettings())
+    chat: ChatSettings = Field(default_factory=lambda: ChatSettings())
 
 
 _SECTIONS: dict[str, type[BaseSettings]] = {
@@ -298,6 +344,7 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "redis": RedisSettings,
     "langfuse": LangfuseSettings,
     "images": ImageSettings,
+    "chat": ChatSettings,
 }
 
 

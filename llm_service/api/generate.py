@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from llm_service.api.deps import GenerationDep, RequestIdDep
 from llm_service.api.streaming import SSEResponse, sse
@@ -14,7 +15,7 @@ from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
 from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
-from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, Usage
+from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, ToolCallOut, Usage
 
 router = APIRouter(tags=["generate"])
 
@@ -38,6 +39,8 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         messages=messages,
         cache=CacheControl.parse(cache_header, body.cache),
         images=tuple(body.images or ()),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
     )
 
 
@@ -57,6 +60,7 @@ def response_of(result: GenerationResult) -> GenerateResponse:
         model_id=result.model_id,
         text=choice.text if choice else "",
         finish_reason=choice.finish_reason if choice else None,
+        tool_calls=[ToolCallOut(**c.as_dict()) for c in choice.tool_calls] if choice and choice.tool_calls else None,
         usage=usage_of(result),
         timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
         cached=result.cached,
@@ -64,11 +68,15 @@ def response_of(result: GenerationResult) -> GenerateResponse:
 
 
 async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
-    """Deltas as `{"type": "delta"}` events, then one `done` event (or one `error` event)."""
+    """Deltas as `{"type": "delta"}` events (tool-call pieces as `{"type": "tool_call"}`), then one
+    `done` event carrying the complete calls (or one `error` event)."""
     try:
         async for delta in stream:
             if delta.text:
                 yield sse({"type": "delta", "id": stream.result.request_id, "text": delta.text})
+            for call in delta.tool_calls:
+                yield sse({"type": "tool_call", "id": stream.result.request_id, "index": call.index,
+                           "call_id": call.id, "name": call.name, "arguments": call.arguments})
     except ServiceError as exc:
         yield sse({"type": "error", **render_error(exc)})
         return

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, ResourcesDep
 from llm_service.api.fanout import close_all, complete_all, merged, merged_headers, open_all
@@ -27,9 +28,9 @@ from llm_service.api.openai_schemas import (
 )
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.cache_control import CacheControl
-from llm_service.engines.base import SamplingOptions, TokenLogprob
+from llm_service.engines.base import SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.errors import InvalidRequest, render_openai_error, to_service_error
-from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
+from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream, ToolCall
 from llm_service.registry import Slot
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -102,20 +103,25 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 def _message(message: ChatMessage, index: int) -> dict[str, Any]:
-    """The message as vLLM's renderer takes it (content parts, images included, pass through)."""
+    """The message as vLLM's renderer takes it (content parts, images, tool calls pass through)."""
     param = f"messages.{index}"
-    if message.role in ("tool", "function") or message.tool_calls:
-        raise InvalidRequest("tool and function calling are not supported", param=param)
-    rendered: dict[str, Any] = {"role": message.role, "content": message.content or ""}
-    if message.name:
-        rendered["name"] = message.name
+    if message.role == "function":
+        raise InvalidRequest("function messages (deprecated) are not supported; use tool messages", param=param)
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidRequest("a tool message needs the tool_call_id it answers", param=param)
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.content is None and not message.tool_calls:
+        rendered["content"] = ""
+    for name in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, name):
+            rendered[name] = getattr(message, name)
     return rendered
 
 
 def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
     """The generation a chat completion request asks for; InvalidRequest for unsupported fields."""
-    if (body.tools or body.functions) and body.tool_choice != "none":
-        raise InvalidRequest("tool and function calling are not supported", param="tools")
+    if body.functions:
+        raise InvalidRequest("functions (deprecated) are not supported; use tools", param="functions")
     if body.modalities and set(body.modalities) - {"text"}:
         raise InvalidRequest("only text output is supported", param="modalities")
     if body.top_logprobs is not None and not body.logprobs:
@@ -129,6 +135,9 @@ def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | 
         sampling=sampling,
         messages=[_message(m, i) for i, m in enumerate(body.messages)],
         cache=CacheControl.parse(cache_header, body.cache),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
     )
 
 
@@ -209,11 +218,35 @@ def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> dict[str,
     }
 
 
+def _tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]] | None:
+    if not calls:
+        return None
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def _tool_call_chunks(calls: Sequence[ToolCallDelta]) -> list[dict[str, Any]]:
+    """OpenAI's delta.tool_calls: index, id, type and name with a call's first piece, then arguments."""
+    chunks = []
+    for call in calls:
+        chunk: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments}}
+        if call.id:
+            chunk.update(id=call.id, type="function")
+        if call.name:
+            chunk["function"]["name"] = call.name
+        chunks.append(chunk)
+    return chunks
+
+
 def chat_response(result: GenerationResult, body: ChatCompletionRequest, created: int) -> dict[str, Any]:
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": None if c.tool_calls and not c.text else c.text,
+                "refusal": None,
+                "tool_calls": _tool_calls(c.tool_calls),
+            },
             "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None,
             "finish_reason": c.finish_reason,
         }
@@ -284,9 +317,12 @@ async def chat_chunks(
                           "logprobs": None, "finish_reason": None}])
     try:
         async for delta in stream:
+            content: dict[str, Any] = {"content": delta.text} if delta.text else {}
+            if delta.tool_calls:
+                content["tool_calls"] = _tool_call_chunks(delta.tool_calls)
             yield out.chunk([{
                 "index": delta.index,
-                "delta": {"content": delta.text} if delta.text else {},
+                "delta": content,
                 "logprobs": chat_logprobs(delta.logprobs) if body.logprobs else None,
                 "finish_reason": delta.finish_reason,
             }])

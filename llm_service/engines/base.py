@@ -19,6 +19,16 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class ChatConfig:
+    """How a slot renders chat and reads tool calls (as `vllm serve --chat-template --tool-call-parser`)."""
+
+    chat_template: str | None = None  # a file path or the template itself; None: the model's own
+    tool_parser: str | None = None  # a name in vLLM's tool parser registry; None: no tool calls
+    # vLLM's --tool-strict-level: "parameter" makes every call follow its tool's JSON schema.
+    tool_strict_level: str = "parameter"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to start one engine for one slot."""
 
@@ -32,6 +42,7 @@ class EngineConfig:
     revision: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
     images: ImageLimits = field(default_factory=ImageLimits)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,10 @@ class PromptInput:
     token_ids: tuple[int, ...] | None = None
     messages: list[dict[str, Any]] | None = None
     images: tuple[str, ...] = ()
+    # OpenAI's function tools, with messages only: [{"type": "function", "function": {...}}].
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required or {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -104,11 +119,22 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call of a choice: `id` and `name` come first, then `arguments` fragments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """New output for one choice since the previous delta.
 
     `completion_tokens` is cumulative for the choice; `finish_reason` is set on the last delta
-    of the choice ("stop", "length" or "abort").
+    of the choice ("stop", "length", "abort", or "tool_calls" when the model called a tool);
+    `text` is content only: tool-call markup comes parsed, as `tool_calls`.
     """
 
     index: int
@@ -117,6 +143,7 @@ class GenerationDelta:
     prompt_tokens: int
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class EngineError(Exception):

@@ -16,6 +16,7 @@ from llm_service.engines.base import (
     PromptTooLong,
     RenderedPrompt,
     TokenLogprob,
+    ToolCallDelta,
 )
 
 
@@ -74,7 +75,35 @@ class FakeEngine:
         if images and self.image_tokens is None:
             raise InvalidImage(f"model {self.config.model_id} takes no images")
         tokens = len(text.split()) + images * (self.image_tokens or 0)
-        return RenderedPrompt(text=text, prompt_tokens=tokens, images=images)
+        return RenderedPrompt(text=text, prompt_tokens=tokens, images=images, payload=prompt)
+
+    @staticmethod
+    def tool_to_call(prompt: PromptInput) -> str | None:
+        """The tool the fake calls: the named one, the first for required, for auto one whose name
+        the last message mentions; none for tool_choice none."""
+        if not prompt.tools or prompt.tool_choice == "none":
+            return None
+        names = [tool["function"]["name"] for tool in prompt.tools]
+        if isinstance(prompt.tool_choice, dict):
+            return str(prompt.tool_choice["function"]["name"])
+        if prompt.tool_choice == "required":
+            return names[0]
+        last = str((prompt.messages or [{}])[-1].get("content") or "")
+        return next((name for name in names if name in last), None)
+
+    async def _tool_call(self, request: GenerationRequest, name: str) -> AsyncIterator[GenerationDelta]:
+        """One call per choice: id and name first, then the arguments in two pieces."""
+        named = isinstance(request.prompt.payload.tool_choice, dict)
+        pieces = [ToolCallDelta(0, id=f"call_{name}_0", name=name), ToolCallDelta(0, arguments='{"query": '),
+                  ToolCallDelta(0, arguments='"fake"}')]
+        for index in range(request.sampling.n):
+            for position, piece in enumerate(pieces, start=1):
+                await asyncio.sleep(self.token_delay)
+                last = position == len(pieces)
+                yield GenerationDelta(
+                    index=index, text="", completion_tokens=position, prompt_tokens=request.prompt.prompt_tokens,
+                    finish_reason=("stop" if named else "tool_calls") if last else None, tool_calls=(piece,),
+                )
 
     def answer(self, prompt: str) -> str:
         """The text a prompt gets: deterministic, and 'Paris' for the capital question."""
@@ -90,6 +119,12 @@ class FakeEngine:
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
+        prompt = request.prompt.payload
+        tool = self.tool_to_call(prompt) if isinstance(prompt, PromptInput) else None
+        if tool is not None:
+            async for delta in self._tool_call(request, tool):
+                yield delta
+            return
         text = self.answer(request.prompt.text)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})

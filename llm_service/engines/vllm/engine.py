@@ -34,8 +34,10 @@ from llm_service.engines.base import (
     RenderedPrompt,
     SamplingOptions,
     TokenLogprob,
+    ToolCallDelta,
 )
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
+from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
 log = structlog.get_logger(__name__)
 
@@ -181,11 +183,11 @@ class VLLMEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas per choice; closing the iterator aborts the request in vLLM."""
         llm = self._engine()
-        engine_input = request.prompt.payload
-        if engine_input is None:
+        prompt = request.prompt.payload
+        if not isinstance(prompt, VLLMPrompt):
             raise ValueError("the prompt was not rendered by this engine")
         try:
-            params = _sampling_params(request.sampling)
+            params = _sampling_params(request.sampling, prompt.structured_outputs)
         except VLLMClientError as exc:
             raise ValueError(str(exc)) from exc
         prompt_len = request.prompt.prompt_tokens
@@ -194,7 +196,8 @@ class VLLMEngine:
             raise PromptTooLong(prompt_len, request.sampling.max_tokens, llm.model_config.max_model_len)
         completion_tokens = [0] * request.sampling.n
         want_logprobs = request.sampling.logprobs is not None
-        stream = llm.generate(engine_input, params, request.request_id)
+        readers: dict[int, ToolCallReader] = {}
+        stream = llm.generate(prompt.engine_input, params, request.request_id)
         try:
             async for output in stream:
                 prompt_tokens = len(output.prompt_token_ids or ())
@@ -205,13 +208,26 @@ class VLLMEngine:
                     finish = _FINISH_REASONS.get(choice.finish_reason) if choice.finish_reason else None
                     if not choice.text and not choice.token_ids and finish is None:
                         continue
+                    text, calls = choice.text, tuple[ToolCallDelta, ...]()
+                    if prompt.reads_tool_calls():
+                        reader = readers.get(choice.index)
+                        if reader is None:
+                            reader = readers[choice.index] = ToolCallReader(
+                                prompt, self._tokenizer(), llm.model_config, list(output.prompt_token_ids or ())
+                            )
+                        text, calls = reader.read(choice.text, list(choice.token_ids), finish is not None)
+                        # As OpenAI: a call the model chose (auto, required) ends with "tool_calls",
+                        # a named one with "stop".
+                        if finish == "stop" and reader.called and not prompt.named_tool_choice:
+                            finish = "tool_calls"
                     yield GenerationDelta(
                         index=choice.index,
-                        text=choice.text,
+                        text=text,
                         completion_tokens=completion_tokens[choice.index],
                         prompt_tokens=prompt_tokens,
                         finish_reason=finish,
                         logprobs=self._logprobs(choice, request.sampling.logprobs) if want_logprobs else (),
+                        tool_calls=calls,
                     )
         except EngineDeadError as exc:
             raise EngineDead(f"engine {self.config.slot} died: {exc}") from exc
@@ -288,9 +304,10 @@ class VLLMEngine:
         log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
 
 
-def _sampling_params(options: SamplingOptions) -> SamplingParams:
-    structured: StructuredOutputsParams | None = None
-    if options.json_schema is not None:
+def _sampling_params(options: SamplingOptions, forced: StructuredOutputsParams | None = None) -> SamplingParams:
+    """vLLM's sampling parameters; `forced` is the structured output of a required or named tool call."""
+    structured: StructuredOutputsParams | None = forced
+    if structured is None and options.json_schema is not None:
         structured = (
             StructuredOutputsParams(json=options.json_schema)
             if options.json_schema

@@ -21,11 +21,13 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import EngineInput
 from vllm.model_executor.model_loader.utils import get_model_cls
 from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector
+from vllm.renderers.chat_utils import load_chat_template
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from llm_service.engines.base import EngineConfig, InvalidImage, PromptInput, RenderedPrompt
+from llm_service.engines.vllm.tools import VLLMPrompt
 
 # vLLM fetches any host when its allow-list is empty; with fetching off this name (a reserved,
 # never-resolving TLD) is the only host it would accept, so vLLM itself refuses every URL too.
@@ -63,17 +65,22 @@ def has_images(prompt: PromptInput) -> bool:
 class PromptRenderer:
     """Renders one slot's prompts with its AsyncLLM's renderer."""
 
-    def __init__(self, llm: AsyncLLM, config: EngineConfig, chat_template: str | None = None) -> None:
+    def __init__(self, llm: AsyncLLM, config: EngineConfig) -> None:
         self._llm = llm
         self._config = config
         self._model_config = llm.model_config
-        # What `vllm serve` builds around the same renderer (no request logging, no tools yet).
+        tool_parser = config.chat.tool_parser
+        # What `vllm serve --chat-template T --enable-auto-tool-choice --tool-call-parser P` builds
+        # around the same renderer; an unknown parser name fails here, so the slot fails to load.
         self._online = OnlineRenderer(
             llm.model_config,
             llm.renderer,
             request_logger=None,
-            chat_template=chat_template,
+            chat_template=load_chat_template(config.chat.chat_template),
             chat_template_content_format="auto",
+            enable_auto_tools=tool_parser is not None,
+            tool_parser=tool_parser,
+            tool_strict_level=config.chat.tool_strict_level,
         )
         self.takes_images = llm.model_config.is_multimodal_model
 
@@ -83,13 +90,17 @@ class PromptRenderer:
             raise InvalidImage(
                 f"the model of slot {self._config.slot} ({self._config.model_id}) takes no images"
             )
+        if prompt.tools and self._online.parser is None and prompt.tool_choice != "none":
+            raise ValueError(
+                f"slot {self._config.slot} reads no tool calls: set LLM_TOOL_PARSER_{self._config.slot.upper()}"
+            )
         try:
             if prompt.messages is not None:
-                engine_input = await self._chat(prompt.messages)
+                rendered = await self._chat(prompt)
             elif prompt.token_ids is not None:
-                engine_input = await self._token_ids(list(prompt.token_ids))
+                rendered = VLLMPrompt(await self._token_ids(list(prompt.token_ids)))
             else:
-                engine_input = await self._text(prompt.text or "", prompt.images)
+                rendered = VLLMPrompt(await self._text(prompt.text or "", prompt.images))
         except InvalidImage:
             raise
         except (ValueError, VLLMClientError) as exc:
@@ -97,23 +108,35 @@ class PromptRenderer:
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             # Only media fetching does I/O while rendering.
             raise InvalidImage(f"an image could not be fetched: {type(exc).__name__}: {exc}") from exc
-        fields: dict[str, Any] = dict(engine_input)
+        fields: dict[str, Any] = dict(rendered.engine_input)
         token_ids = fields["prompt_token_ids"]
         placeholders = fields.get("mm_placeholders") or {}
         return RenderedPrompt(
             text=str(fields.get("prompt") or ""),
             prompt_tokens=len(token_ids),
             images=len(placeholders.get(IMAGE, ())),
-            payload=engine_input,
+            payload=rendered,
         )
 
-    async def _chat(self, messages: list[dict[str, Any]]) -> EngineInput:
-        request = ChatCompletionRequest(messages=messages, model=self._config.slot)  # type: ignore[arg-type]
+    async def _chat(self, prompt: PromptInput) -> VLLMPrompt:
+        fields: dict[str, Any] = {"messages": prompt.messages, "model": self._config.slot}
+        if prompt.tools:
+            fields.update(tools=prompt.tools, tool_choice=prompt.tool_choice or "auto")
+            if prompt.parallel_tool_calls is not None:
+                fields["parallel_tool_calls"] = prompt.parallel_tool_calls
+        # vLLM's own request model: its validators check tools and tool_choice as `vllm serve` does.
+        request = ChatCompletionRequest.model_validate(fields)
         rendered = await self._online.render_chat(request)
         if isinstance(rendered, ErrorResponse):
             raise ValueError(rendered.error.message)
         _, (engine_input,) = rendered
-        return engine_input
+        # render_chat let the tool parser adjust `request` (structured output for a forced call).
+        return VLLMPrompt(
+            engine_input,
+            chat=request,
+            parser_cls=self._online.parser,
+            chat_template_kwargs=self._online.effective_chat_template_kwargs(request),
+        )
 
     def _tok_params(self, add_special_tokens: bool, detokenize: bool = False) -> Any:
         return dataclasses.replace(
