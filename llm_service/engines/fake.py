@@ -62,7 +62,7 @@ class FakeEngine:
         if prompt.messages is not None:
             parts = []
             for m in prompt.messages:
-                content = m["content"]
+                content = m.get("content") or ""
                 if isinstance(content, list):
                     images += sum(1 for part in content if part.get("type") == "image_url")
                     content = " ".join(part["text"] for part in content if part.get("type") == "text")

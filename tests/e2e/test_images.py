@@ -17,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from llm_service.frontend_config import DEMO_TOOL_TEMPLATE
 from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 from .conftest import ServiceProcess, demo_model_path, free_port, wait_for
@@ -139,7 +140,8 @@ def test_bad_images_are_400s_that_say_which(
 
 # --- the same prompt tokens as `vllm serve` --------------------------------------------------
 class RenderServer:
-    """vLLM's GPU-less render server: `vllm serve`'s chat preprocessing, without an engine."""
+    """vLLM's GPU-less render server: `vllm serve`'s chat preprocessing, without an engine, set up
+    as `vllm serve` would be for the slot (the demo's tool template and parser)."""
 
     def __init__(self, model: str, log_path: Path) -> None:
         self.model = model
@@ -147,7 +149,8 @@ class RenderServer:
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.launchers.render.entry", "--model", model,
-             "--port", str(self.port), "--host", "127.0.0.1", "--max-model-len", "1024"],
+             "--port", str(self.port), "--host", "127.0.0.1", "--max-model-len", "1024",
+             "--chat-template", str(DEMO_TOOL_TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_for(self._up, 300, "vLLM's render server")
@@ -160,11 +163,11 @@ class RenderServer:
         except httpx.HTTPError:
             return False
 
-    def prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        r = httpx.post(
-            f"http://127.0.0.1:{self.port}/v1/chat/completions/render",
-            json={"model": self.model, "messages": messages}, timeout=60,
-        )
+    def prompt_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if tools:
+            body.update(tools=tools, tool_choice="none")
+        r = httpx.post(f"http://127.0.0.1:{self.port}/v1/chat/completions/render", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return len(r.json()["token_ids"])
 
@@ -174,6 +177,8 @@ class RenderServer:
         self.log.close()
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 CONVERSATIONS = {
     "one_question": [{"role": "user", "content": "What is the capital of France?"}],
     "system_and_turns": [
@@ -202,7 +207,10 @@ def test_prompt_tokens_equal_vllm_serve(
                 {"role": "user", "content": [image_part(RED), {"type": "text", "text": "and"}, image_part(BLUE)]}
             ]
         for name, messages in conversations.items():
-            ours = sdk.chat.completions.create(model=slot, messages=messages, max_tokens=1)  # type: ignore[arg-type]
-            assert ours.usage.prompt_tokens == server.prompt_tokens(messages), name
+            tools = [WEATHER] if name == "one_question" else None
+            for with_tools in (None, tools) if tools else (None,):
+                extra: dict[str, Any] = {"tools": with_tools, "tool_choice": "none"} if with_tools else {}
+                ours = sdk.chat.completions.create(model=slot, messages=messages, max_tokens=1, **extra)  # type: ignore[arg-type]
+                assert ours.usage.prompt_tokens == server.prompt_tokens(messages, with_tools), (name, with_tools)
     finally:
         server.stop()

@@ -105,6 +105,11 @@ async def test_generate_has_its_own_tool_call_shape(app: httpx.AsyncClient) -> N
     assert [e["type"] for e in events] == ["tool_call", "tool_call", "tool_call", "done"]
     assert events[0]["name"] == "get_weather" and events[0]["call_id"] == "call_get_weather_0"
     assert events[-1]["tool_calls"] == plain["tool_calls"]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    answered = await app.post("/generate", json={"messages": history, "tools": [WEATHER]})
+    assert answered.status_code == 200 and answered.json()["tool_calls"] is None
     bad = await app.post("/generate", json={"prompt": "x", "tools": [WEATHER]})
     assert bad.status_code == 400 and "go with 'messages'" in bad.json()["error"]["message"]
 
