@@ -320,6 +320,8 @@ class GenerationService:
             rendered = await engine.render(spec.prompt_input())
         except InvalidImage as exc:
             raise InvalidRequest(str(exc), param="images" if spec.images else "messages") from exc
+        except PromptTooLong as exc:
+            raise InvalidRequest(str(exc), param="messages" if spec.messages is not None else "prompt") from exc
         except ValueError as exc:
             param = "messages" if spec.messages is not None else "prompt"
             raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc

@@ -157,10 +157,14 @@ class EngineDead(EngineError):
 class PromptTooLong(ValueError):
     """The prompt plus max_tokens does not fit the slot's max_model_len."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+        # max_tokens None: the prompt alone is too long (the engine stopped counting past the limit).
         super().__init__(
             f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context length of {max_model_len} tokens"
+            if max_tokens is not None
+            else f"prompt (more than {max_model_len} tokens) exceeds the model's context length of "
+            f"{max_model_len} tokens"
         )
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens

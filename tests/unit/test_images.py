@@ -225,3 +225,11 @@ async def test_images_key_the_cache_by_content_and_traces_never_hold_their_bytes
     finally:
         await coalescer.close()
         await registry.close()
+
+
+def test_a_prompt_too_long_by_itself_says_so() -> None:
+    from llm_service.engines.base import PromptTooLong
+
+    assert str(PromptTooLong(2049, None, 2048)) == (
+        "prompt (more than 2048 tokens) exceeds the model's context length of 2048 tokens"
+    )

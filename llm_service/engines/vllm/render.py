@@ -17,7 +17,7 @@ import aiohttp
 from vllm import envs
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.inputs import EngineInput
 from vllm.model_executor.model_loader.utils import get_model_cls
 from vllm.multimodal.media import MEDIA_CONNECTOR_REGISTRY, MediaConnector
@@ -26,7 +26,7 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from llm_service.engines.base import EngineConfig, InvalidImage, PromptInput, RenderedPrompt
+from llm_service.engines.base import EngineConfig, InvalidImage, PromptInput, PromptTooLong, RenderedPrompt
 from llm_service.engines.vllm.tools import VLLMPrompt
 
 # vLLM fetches any host when its allow-list is empty; with fetching off this name (a reserved,
@@ -104,7 +104,7 @@ class PromptRenderer:
         except InvalidImage:
             raise
         except (ValueError, VLLMClientError) as exc:
-            raise _as_value_error(exc, prompt) from exc
+            raise _as_value_error(exc, prompt, self._model_config.max_model_len) from exc
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             # Only media fetching does I/O while rendering.
             raise InvalidImage(f"an image could not be fetched: {type(exc).__name__}: {exc}") from exc
@@ -193,7 +193,9 @@ class PromptRenderer:
         return text
 
 
-def _as_value_error(exc: ValueError | VLLMClientError, prompt: PromptInput) -> ValueError:
+def _as_value_error(exc: ValueError | VLLMClientError, prompt: PromptInput, max_model_len: int) -> ValueError:
+    if isinstance(exc, VLLMValidationError) and exc.parameter == "input_tokens":
+        return PromptTooLong(int(exc.value), None, max_model_len)
     message = str(exc)
     if has_images(prompt) and any(word in message.lower() for word in ("image", "media", "url", "domain")):
         return InvalidImage(message)
