@@ -26,11 +26,12 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# redis-server for the cache; jq, which the docs' examples (run by the tests) pipe into.
 redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@command -v redis-server >/dev/null && command -v jq >/dev/null || { \
+	  echo "installing redis-server and jq"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server jq >/dev/null; }
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
@@ -38,13 +39,10 @@ $(DEMO_MODEL): | $(STAMP)
 $(DEMO_MULTIMODAL): | $(DEMO_MODEL)
 	$(BIN)/python -m llm_service.demo_model --multimodal
 
-# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote).
+# With the cache on, runs a local redis-server for as long as the service runs, unless one answers
+# (or REDIS_HOST is remote): scripts/serve.sh.
 serve: setup
-	@case "$${REDIS_HOST:-localhost}" in localhost|127.0.0.1) \
-	  redis-cli -p $${REDIS_PORT:-6379} ping >/dev/null 2>&1 || \
-	  redis-server --port $${REDIS_PORT:-6379} --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null;; \
-	esac
-	$(BIN)/python -m llm_service
+	scripts/serve.sh $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from llm_service.errors import InvalidRequest, ServiceError, to_service_error
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.request_metrics import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
@@ -51,6 +53,7 @@ class GenerationSpec:
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, with messages
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    record: RequestRecord = field(default_factory=RequestRecord)  # the HTTP request's, for its count
 
     def prompt_input(self) -> PromptInput:
         """What the engine renders."""
@@ -111,6 +114,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
     def add(self, delta: GenerationDelta) -> None:
@@ -128,7 +132,7 @@ class GenerationResult:
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "MISS"}
+        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
@@ -150,13 +154,13 @@ class GenerationStream:
         service: GenerationService,
         result: GenerationResult,
         trace: Trace = NO_TRACE,
-        counts_request: bool = True,
+        record: RequestRecord | None = None,
     ) -> None:
         self.result = result
         self.trace = trace
         self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
         self.ran_engine = False
-        self._counts_request = counts_request  # False for a generation shared by coalesced requests
+        self._request = record  # None for a generation shared by coalesced requests (each reader's counts)
         self._error: str | None = None
         self._service = service
         self._stack = contextlib.AsyncExitStack()
@@ -213,6 +217,8 @@ class GenerationStream:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
         self._outcome = _status_label(error)
         self._error = error.message
+        if self._request is not None:
+            self._request.failed(error.status_code)
         await self.aclose(cause)
 
     async def aclose(self, cause: BaseException | None = None) -> None:
@@ -228,7 +234,7 @@ class GenerationStream:
         finally:
             result = self.result
             result.total_time = time.perf_counter() - self._started
-            self._service.record(result, self._outcome, self.ran_engine, self._counts_request)
+            self._service.record(result, self._outcome, self.ran_engine)
             self.trace.end(
                 outputs=[c.trace_output() for c in result.choices],
                 prompt_tokens=result.prompt_tokens,
@@ -270,6 +276,7 @@ class GenerationService:
         EngineFailure.
         """
         slot = self.registry.find(spec.slot)
+        spec.record.slot = slot.name
         images = await inspect_images(spec.messages, spec.images, slot.config.images)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(
@@ -280,7 +287,7 @@ class GenerationService:
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace)
+        stream = GenerationStream(self, result, trace, spec.record)
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
@@ -302,13 +309,14 @@ class GenerationService:
 
         async def open_engine() -> GenerationStream:
             shared_result = dataclasses.replace(result, choices=[], trace_id=None)
-            # The request count is each reader's; the engine's work is counted once, here.
-            shared = GenerationStream(self, shared_result, counts_request=False)
+            # The engine's work is counted once, here; each reader's request is its own.
+            shared = GenerationStream(self, shared_result)
             await self._opened(shared, self._start(shared, spec))
             return shared
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
         result.prompt = served.prompt
@@ -327,7 +335,9 @@ class GenerationService:
             raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
         stream.result.prompt = rendered.text
         sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
-        await stream.start(engine, GenerationRequest(spec.request_id, rendered, sampling))
+        # The client's request id may repeat (X-Request-ID); the engine's must be unique.
+        engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
+        await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
@@ -364,13 +374,9 @@ class GenerationService:
             return sampling
         return dataclasses.replace(sampling, max_tokens=max_tokens)
 
-    def record(
-        self, result: GenerationResult, outcome: str, ran_engine: bool, counts_request: bool = True
-    ) -> None:
-        """Count one request, and the engine's work if it ran, in the metrics."""
+    def record(self, result: GenerationResult, outcome: str, ran_engine: bool) -> None:
+        """Count the engine's work, if it ran, in the metrics (requests count in RequestAccounting)."""
         m, slot = self.metrics, result.slot
-        if counts_request:
-            m.requests.labels(model=slot, status=outcome).inc()
         if not ran_engine:
             return
         m.engine_generations.labels(model=slot).inc()

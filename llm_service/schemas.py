@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llm_service.cache_control import CacheOptions
 
@@ -143,17 +144,25 @@ class GenerateRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        # ctx["param"] names the field for the error envelope: a model validator has no field location.
+        if self.prompt is None and self.messages is None:
+            raise PydanticCustomError("missing", "give exactly one of 'prompt' or 'messages'", {"param": "prompt"})
+        if self.prompt is not None and self.messages is not None:
+            message = "give exactly one of 'prompt' or 'messages', not both"
+            raise PydanticCustomError("value_error", message, {"param": "messages"})
         if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
+            raise PydanticCustomError("value_error", "'messages' must not be empty", {"param": "messages"})
         if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("'prompt' must not be empty")
+            raise PydanticCustomError("value_error", "'prompt' must not be empty", {"param": "prompt"})
         if self.images is not None and self.prompt is None:
-            raise ValueError("'images' go with 'prompt'; in 'messages' images are image_url content parts")
+            message = "'images' go with 'prompt'; in 'messages' images are image_url content parts"
+            raise PydanticCustomError("value_error", message, {"param": "images"})
         if self.tools is not None and self.messages is None:
-            raise ValueError("'tools' go with 'messages'")
-        check_tool_choice(self.tools, self.tool_choice)
+            raise PydanticCustomError("value_error", "'tools' go with 'messages'", {"param": "tools"})
+        try:
+            check_tool_choice(self.tools, self.tool_choice)
+        except ValueError as exc:
+            raise PydanticCustomError("value_error", str(exc), {"param": "tool_choice"}) from None
         return self
 
 
@@ -192,7 +201,10 @@ class GenerateResponse(BaseModel):
     model_id: str = Field(description="Model id loaded in that slot.")
     text: str = Field(description="Generated text.")
     finish_reason: str | None = Field(description="stop, length, abort, or tool_calls.")
-    tool_calls: list[ToolCallOut] | None = Field(None, description="The calls the model made, if any.")
+    tool_calls: list[ToolCallOut] | None = Field(None, description="The calls the model made (absent if none).")
     usage: Usage
     timings: Timings
     cached: bool = Field(False, description="True when the response came from the cache.")
+    coalesced: bool = Field(
+        False, description="True when an identical request in flight generated it for both (X-Cache: COALESCED)."
+    )

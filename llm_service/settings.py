@@ -102,7 +102,27 @@ class LLMSettings(BaseSettings):
         10.0, ge=0, description="How long a load waits for in-flight requests of an LRU slot to end."
     )
     load_retry_seconds: float = Field(
-        30.0, ge=0, description="Back-off before a failed slot is loaded again."
+        10.0,
+        ge=0,
+        description="Back-off before a failed slot (a failed load or a dead engine) is loaded again by itself; "
+        "it doubles with each failure in a row, up to LLM_LOAD_RETRY_MAX_SECONDS.",
+    )
+    load_retry_max_seconds: float = Field(
+        300.0, ge=0, description="Longest back-off between automatic loads of a slot that keeps failing."
+    )
+    min_residency_seconds: float = Field(
+        5.0, ge=0, description="A loaded slot is not evicted sooner than this after its load (stops thrashing)."
+    )
+    swap_fairness_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="While a slot's requests wait for room in the budget, a loaded slot in the way keeps "
+        "admitting requests this long before it drains and is evicted.",
+    )
+    memory_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long a load waits for the device memory of an evicted or dead engine to be free.",
     )
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
     cache_enabled: bool = Field(
@@ -120,6 +140,14 @@ class LLMSettings(BaseSettings):
     cache_namespace: str = Field(
         "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
     )
+
+    @field_validator("load_retry_max_seconds")
+    @classmethod
+    def _retry_max_not_below_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("load_retry_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least LLM_LOAD_RETRY_SECONDS ({first})")
+        return value
 
     @field_validator("preload_models", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from llm_service.api.deps import GenerationDep, RequestIdDep
+from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
@@ -64,7 +65,17 @@ def response_of(result: GenerationResult) -> GenerateResponse:
         usage=usage_of(result),
         timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
         cached=result.cached,
+        coalesced=result.coalesced,
     )
+
+
+def body_of(result: GenerationResult) -> dict[str, Any]:
+    """The response body; `tool_calls` only when the model called a tool."""
+    return response_of(result).model_dump(exclude={"tool_calls"} if not _calls(result) else None)
+
+
+def _calls(result: GenerationResult) -> bool:
+    return bool(result.choices and result.choices[0].tool_calls)
 
 
 async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
@@ -83,7 +94,7 @@ async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
     except Exception as exc:  # after the first byte the status is sent: report in-band
         yield sse({"type": "error", **render_error(to_service_error(exc))})
         return
-    final = response_of(stream.result).model_dump()
+    final = body_of(stream.result)
     final.pop("text")
     yield sse({"type": "done", **final})
 
@@ -102,11 +113,12 @@ async def generate(
     body: GenerateRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = spec_from_request(body, request_id, cache_control)
+    spec = dataclasses.replace(spec_from_request(body, request_id, cache_control), record=record)
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())
     result = await generation.complete(spec)
-    return JSONResponse(response_of(result).model_dump(), headers=result.headers())
+    return JSONResponse(body_of(result), headers=result.headers())

@@ -6,6 +6,7 @@ metrics and limits are the same; this module only translates OpenAI's shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -14,8 +15,8 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, ResourcesDep
-from llm_service.api.fanout import close_all, complete_all, merged, merged_headers, open_all
+from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
+from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -335,8 +336,9 @@ async def chat_chunks(
 
 
 async def completion_chunks(
-    streams: Sequence[GenerationStream], body: CompletionRequest, request_id: str, created: int
+    merged: MergedStreams, body: CompletionRequest, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    streams = merged.streams
     out = ChunkWriter("text_completion", f"cmpl-{request_id}", body.model, created, body.include_usage)
     n = body.n or 1
     offsets: dict[int, int] = {}
@@ -346,7 +348,7 @@ async def completion_chunks(
                 yield out.chunk([{"index": position * n + index, "text": stream.result.prompt,
                                   "logprobs": None, "finish_reason": None}])
     try:
-        async for position, delta in merged(streams):
+        async for position, delta in merged:
             index = position * n + delta.index
             logprobs = None
             if body.logprobs is not None:
@@ -369,9 +371,10 @@ async def chat_completions(
     body: ChatCompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = chat_spec(body, request_id, cache_control)
+    spec = dataclasses.replace(chat_spec(body, request_id, cache_control), record=record)
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)
@@ -387,15 +390,16 @@ async def completions(
     body: CompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    specs = completion_specs(body, request_id, cache_control)
+    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control)]
     created = int(time.time())
     if body.stream:
-        streams = await open_all(generation, specs)
-        headers = merged_headers([s.result for s in streams])
-        chunks = completion_chunks(streams, body, request_id, created)
-        return SSEResponse(chunks, on_close=lambda: close_all(streams), headers=headers)
+        merged = MergedStreams(await open_all(generation, specs))
+        headers = merged_headers([s.result for s in merged.streams])
+        chunks = completion_chunks(merged, body, request_id, created)
+        return SSEResponse(chunks, on_close=merged.aclose, headers=headers)
     results = await complete_all(generation, specs)
     response = completion_response(results, body, request_id, created)
     return JSONResponse(response, headers=merged_headers(results))

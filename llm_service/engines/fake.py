@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from llm_service.engines.base import (
     EngineConfig,
@@ -23,10 +23,11 @@ from llm_service.engines.base import (
 class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
-    `start_delay` and `token_delay` stretch time so tests can overlap requests;
+    `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine; `image_tokens` is what one image costs (None: the model takes no images).
-    A prompt's tokens are its words.
+    dead engine (kill() also signals its death, as vLLM's engine-dead notification does);
+    `image_tokens` is what one image costs (None: the model takes no images). A prompt's tokens
+    are its words.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class FakeEngine:
         config: EngineConfig,
         *,
         start_delay: float = 0.0,
+        shutdown_delay: float = 0.0,
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
@@ -41,6 +43,7 @@ class FakeEngine:
     ) -> None:
         self.config = config
         self.start_delay = start_delay
+        self.shutdown_delay = shutdown_delay
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
@@ -50,6 +53,8 @@ class FakeEngine:
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
+        self.request_ids: list[str] = []
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
@@ -119,6 +124,7 @@ class FakeEngine:
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
+        self.request_ids.append(request.request_id)
         prompt = request.prompt.payload
         tool = self.tool_to_call(prompt) if isinstance(prompt, PromptInput) else None
         if tool is not None:
@@ -174,9 +180,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        self._on_dead = callback
+
     async def shutdown(self) -> None:
         self.shutdowns += 1
+        self._on_dead = None
+        await asyncio.sleep(self.shutdown_delay)
         self.started = False
 
     def kill(self) -> None:
+        """Die now, and signal it (on the next turn of the loop, like vLLM's output handler)."""
         self.dead = True
+        callback, self._on_dead = self._on_dead, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback, EngineDead("fake engine was killed"))

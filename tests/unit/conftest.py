@@ -55,6 +55,8 @@ def make_registry() -> Callable[..., tuple[ModelRegistry, FakeFactory]]:
         shares = shares or {"standard": 0.3, "longctx": 0.3, "multimodal": 0.3}
         factory = factory or FakeFactory()
         slots = [(slot_config(name, share), name in pinned) for name, share in shares.items()]
+        # Swap without delays unless a test asks for them: these tests are about the mechanism.
+        policy = {"min_residency": 0.0, "swap_fairness": 0.0, **policy}
         registry = ModelRegistry(slots, budget, factory, Metrics(), RegistryPolicy(**policy))
         return registry, factory
 

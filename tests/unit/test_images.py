@@ -167,10 +167,10 @@ class MemoryCache:
     def __init__(self) -> None:
         self.entries: dict[str, CachedResponse] = {}
 
-    async def get(self, key: str) -> CachedResponse | None:
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
         return self.entries.get(key)
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         self.entries[key] = entry
         return True
 

@@ -172,13 +172,19 @@ async def test_dead_engine_is_dropped_and_reloaded(make_registry):
     registry, factory = make_registry(retry_backoff=0.0)
     await _use(registry, "standard")
     first = factory.of("standard")[0]
-    first.kill()
+    first.dead = True  # dead without a signal: the health check finds it
     await registry.reap()
-    assert registry.slot("standard").state is SlotState.FAILED
-    assert "died" in (registry.slot("standard").error or "")
+    slot = registry.slot("standard")
+    assert "died" in (slot.error or "")
+    with pytest.raises(ModelUnavailable, match="died"):  # down: refused at once, not queued
+        await _use(registry, "standard")
+    for _ in range(100):  # it reloads by itself (back-off 0)
+        if slot.state is SlotState.LOADED:
+            break
+        await asyncio.sleep(0.01)
     await _use(registry, "standard")
-    assert len(factory.of("standard")) == 2
-    assert registry.slot("standard").state is SlotState.LOADED
+    assert len(factory.of("standard")) == 2 and first.shutdowns == 1
+    assert slot.state is SlotState.LOADED and slot.error is None
     await registry.close()
 
 

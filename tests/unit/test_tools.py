@@ -109,7 +109,7 @@ async def test_generate_has_its_own_tool_call_shape(app: httpx.AsyncClient) -> N
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     answered = await app.post("/generate", json={"messages": history, "tools": [WEATHER]})
-    assert answered.status_code == 200 and answered.json()["tool_calls"] is None
+    assert answered.status_code == 200 and "tool_calls" not in answered.json()
     bad = await app.post("/generate", json={"prompt": "x", "tools": [WEATHER]})
     assert bad.status_code == 400 and "go with 'messages'" in bad.json()["error"]["message"]
 
