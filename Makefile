@@ -8,10 +8,12 @@ BIN := $(VENV)/bin
 EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
+# The multimodal slot's CPU default: an Idefics3 around the demo model (random vision tower, ~20 s).
+DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 
 .PHONY: setup serve test test-unit lint redis clean
 
-setup: $(STAMP) redis $(DEMO_MODEL)
+setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,9 @@ redis:
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
+
+$(DEMO_MULTIMODAL): | $(DEMO_MODEL)
+	$(BIN)/python -m llm_service.demo_model --multimodal
 
 # With the cache on, runs a local redis-server for as long as the service runs, unless one answers
 # (or REDIS_HOST is remote): scripts/serve.sh.

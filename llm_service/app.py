@@ -16,6 +16,7 @@ from llm_service.api.deps import Resources
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
 from llm_service.errors import install_error_handlers
+from llm_service.frontend_config import with_frontend
 from llm_service.generation import GenerationService
 from llm_service.logging import RequestIdMiddleware
 from llm_service.metrics import Metrics
@@ -66,7 +67,7 @@ def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics)
         swap_fairness=llm.swap_fairness_seconds,
         memory_wait=llm.memory_wait_seconds,
     )
-    slots = build_slot_configs(llm, backend.device, backend.device_memory)
+    slots = with_frontend(build_slot_configs(llm, backend.device, backend.device_memory), settings)
     if not llm.load_on_startup:
         # Nothing is preloaded, so nothing is pinned against idle unloading either.
         slots = [(config, False) for config, _ in slots]

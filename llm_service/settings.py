@@ -27,6 +27,8 @@ GUIDE_MODEL_ALIASES: dict[str, str] = {
 DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
+# The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
+DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
 
 
 class SettingsError(ValueError):
@@ -299,6 +301,86 @@ class LangfuseSettings(BaseSettings):
         return value
 
 
+class ImageSettings(BaseSettings):
+    """Images in requests (LLM_IMAGE_*): limits, and which hosts image URLs may be fetched from."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_IMAGE_", extra="ignore")
+
+    max_per_request: int = Field(4, ge=0, le=64, description="Most images one request may carry (0 = none).")
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest encoded image (decoded data: URL or download) in bytes."
+    )
+    max_pixels: int = Field(
+        16_777_216, ge=1024, description="Most pixels (width x height) one image may have."
+    )
+    fetch_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of hosts whose http(s) image URLs the service fetches (no redirects); "
+        "empty (the default) accepts data: URLs only.",
+    )
+    fetch_timeout_seconds: int = Field(5, ge=1, le=60, description="Longest download of one image URL.")
+
+    @field_validator("fetch_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fetch_hosts")
+    @classmethod
+    def _plain_hosts(cls, value: list[str]) -> list[str]:
+        bad = [host for host in value if "/" in host or ":" in host or "*" in host]
+        if bad:
+            raise ValueError(f"give host names only (no scheme, port, path or wildcard): {bad}")
+        return [host.lower() for host in value]
+
+
+class ChatSettings(BaseSettings):
+    """Per-slot chat template and tool-call parser (LLM_CHAT_TEMPLATE_<SLOT>, LLM_TOOL_PARSER_<SLOT>),
+    as `vllm serve --chat-template` and `--tool-call-parser`."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    chat_template_standard: Path | None = Field(
+        None, description="Jinja chat template file for standard; unset: the model's own (the demo: a tool template)."
+    )
+    chat_template_longctx: Path | None = Field(None, description="Jinja chat template file for longctx.")
+    chat_template_multimodal: Path | None = Field(None, description="Jinja chat template file for multimodal.")
+    tool_parser_standard: str | None = Field(
+        None, description="vLLM tool-call parser of standard; unset: the one for the slot's model; none: no tools."
+    )
+    tool_parser_longctx: str | None = Field(None, description="vLLM tool-call parser of longctx (as standard's).")
+    tool_parser_multimodal: str | None = Field(
+        None, description="vLLM tool-call parser of multimodal (as standard's)."
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="vLLM's --tool-strict-level for every slot: parameter makes each call's arguments follow its "
+        "tool's JSON schema; auto only for tools marked strict.",
+    )
+
+    @field_validator("chat_template_standard", "chat_template_longctx", "chat_template_multimodal")
+    @classmethod
+    def _template_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tool_parser_standard", "tool_parser_longctx", "tool_parser_multimodal")
+    @classmethod
+    def _parser_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError(f"not a tool parser name: {value!r} (e.g. llama3_json, mistral, hermes, none)")
+        return value
+
+    def chat_template_for(self, slot: str) -> Path | None:
+        return getattr(self, f"chat_template_{slot}")
+
+    def tool_parser_for(self, slot: str) -> str | None:
+        return getattr(self, f"tool_parser_{slot}")
+
+
 class Settings(BaseModel):
     """The whole configuration; build with `load_settings()` from the environment."""
 
@@ -306,6 +388,8 @@ class Settings(BaseModel):
     llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
     redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
     langfuse: LangfuseSettings = Field(default_factory=lambda: LangfuseSettings())
+    images: ImageSettings = Field(default_factory=lambda: ImageSettings())
+    chat: ChatSettings = Field(default_factory=lambda: ChatSettings())
 
 
 _SECTIONS: dict[str, type[BaseSettings]] = {
@@ -313,6 +397,8 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "llm": LLMSettings,
     "redis": RedisSettings,
     "langfuse": LangfuseSettings,
+    "images": ImageSettings,
+    "chat": ChatSettings,
 }
 
 

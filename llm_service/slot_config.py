@@ -11,6 +11,7 @@ from llm_service.engines.base import EngineConfig
 from llm_service.settings import (
     DEFAULT_MAX_MODEL_LEN,
     DEMO_MODEL_DIR,
+    DEMO_MULTIMODAL_DIR,
     GUIDE_MODEL_ALIASES,
     PRODUCTION_MODELS,
     SLOTS,
@@ -42,6 +43,15 @@ def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
         return resolved
     if device == "cuda":
         return PRODUCTION_MODELS[slot]
+    multimodal_demo = DEMO_MULTIMODAL_DIR.resolve()
+    if slot == "multimodal":
+        if (multimodal_demo / "config.json").exists():
+            return str(multimodal_demo)
+        log.warning(
+            "multimodal_demo_missing",
+            path=str(multimodal_demo),
+            hint="python -m llm_service.demo_model --multimodal; until then the slot takes no images",
+        )
     demo = DEMO_MODEL_DIR.resolve()
     if not (demo / "config.json").exists():
         raise SettingsError(

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from llm_service.engines.base import (
     EngineConfig,
     EngineDead,
     GenerationDelta,
     GenerationRequest,
+    InvalidImage,
+    PromptInput,
     PromptTooLong,
+    RenderedPrompt,
     TokenLogprob,
+    ToolCallDelta,
 )
 
 
@@ -22,7 +25,9 @@ class FakeEngine:
 
     `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine (kill() also signals its death, as vLLM's engine-dead notification does).
+    dead engine (kill() also signals its death, as vLLM's engine-dead notification does);
+    `image_tokens` is what one image costs (None: the model takes no images). A prompt's tokens
+    are its words.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class FakeEngine:
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
+        image_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
@@ -41,6 +47,7 @@ class FakeEngine:
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
+        self.image_tokens = image_tokens
         self.started = False
         self.dead = False
         self.shutdowns = 0
@@ -55,11 +62,53 @@ class FakeEngine:
             raise self.fail_start
         self.started = True
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        images = len(prompt.images)
+        if prompt.messages is not None:
+            parts = []
+            for m in prompt.messages:
+                content = m.get("content") or ""
+                if isinstance(content, list):
+                    images += sum(1 for part in content if part.get("type") == "image_url")
+                    content = " ".join(part["text"] for part in content if part.get("type") == "text")
+                parts.append(f"<|{m['role']}|>{content}\n")
+            text = "".join(parts) + "<|assistant|>"
+        elif prompt.token_ids is not None:
+            text = " ".join(f"t{token}" for token in prompt.token_ids)
+        else:
+            text = prompt.text or ""
+        if images and self.image_tokens is None:
+            raise InvalidImage(f"model {self.config.model_id} takes no images")
+        tokens = len(text.split()) + images * (self.image_tokens or 0)
+        return RenderedPrompt(text=text, prompt_tokens=tokens, images=images, payload=prompt)
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(prompt.split())
+    @staticmethod
+    def tool_to_call(prompt: PromptInput) -> str | None:
+        """The tool the fake calls: the named one, the first for required, for auto one whose name
+        the last message mentions; none for tool_choice none."""
+        if not prompt.tools or prompt.tool_choice == "none":
+            return None
+        names = [tool["function"]["name"] for tool in prompt.tools]
+        if isinstance(prompt.tool_choice, dict):
+            return str(prompt.tool_choice["function"]["name"])
+        if prompt.tool_choice == "required":
+            return names[0]
+        last = str((prompt.messages or [{}])[-1].get("content") or "")
+        return next((name for name in names if name in last), None)
+
+    async def _tool_call(self, request: GenerationRequest, name: str) -> AsyncIterator[GenerationDelta]:
+        """One call per choice: id and name first, then the arguments in two pieces."""
+        named = isinstance(request.prompt.payload.tool_choice, dict)
+        pieces = [ToolCallDelta(0, id=f"call_{name}_0", name=name), ToolCallDelta(0, arguments='{"query": '),
+                  ToolCallDelta(0, arguments='"fake"}')]
+        for index in range(request.sampling.n):
+            for position, piece in enumerate(pieces, start=1):
+                await asyncio.sleep(self.token_delay)
+                last = position == len(pieces)
+                yield GenerationDelta(
+                    index=index, text="", completion_tokens=position, prompt_tokens=request.prompt.prompt_tokens,
+                    finish_reason=("stop" if named else "tool_calls") if last else None, tool_calls=(piece,),
+                )
 
     def answer(self, prompt: str) -> str:
         """The text a prompt gets: deterministic, and 'Paris' for the capital question."""
@@ -71,12 +120,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
         sampling = request.sampling
-        prompt_tokens = self.count_tokens(request.prompt)
+        prompt_tokens = request.prompt.prompt_tokens
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
         self.request_ids.append(request.request_id)
-        text = self.answer(request.prompt)
+        prompt = request.prompt.payload
+        tool = self.tool_to_call(prompt) if isinstance(prompt, PromptInput) else None
+        if tool is not None:
+            async for delta in self._tool_call(request, tool):
+                yield delta
+            return
+        text = self.answer(request.prompt.text)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")

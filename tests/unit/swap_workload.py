@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_service.engines.base import GenerationRequest, SamplingOptions
+from llm_service.engines.base import GenerationRequest, RenderedPrompt, SamplingOptions
 from llm_service.errors import ModelUnavailable
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy
@@ -65,7 +65,8 @@ async def run_alternating(
             try:
                 async with registry.acquire(slot) as engine:
                     result.waits[slot].append(time.monotonic() - started)
-                    request = GenerationRequest(f"c{index}-{turn}", "one two three", SamplingOptions(max_tokens=16))
+                    prompt = RenderedPrompt("one two three", 3)
+                    request = GenerationRequest(f"c{index}-{turn}", prompt, SamplingOptions(max_tokens=16))
                     async for _ in engine.generate(request):
                         pass
                 result.served += 1

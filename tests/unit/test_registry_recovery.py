@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.engines.base import EngineConfig, EngineDead, GenerationRequest, SamplingOptions
+from llm_service.engines.base import EngineConfig, EngineDead, GenerationRequest, RenderedPrompt, SamplingOptions
 from llm_service.engines.fake import FakeEngine
 from llm_service.errors import ModelUnavailable
 from llm_service.metrics import Metrics
@@ -47,7 +47,7 @@ async def test_a_killed_engine_is_noticed_at_once_and_its_requests_fail_at_once(
     async def long_request() -> None:
         try:
             async with registry.acquire("standard") as engine:
-                request = GenerationRequest("r", "one two three", SamplingOptions(max_tokens=100))
+                request = GenerationRequest("r", RenderedPrompt("one two three", 3), SamplingOptions(max_tokens=100))
                 async for _ in engine.generate(request):
                     pass
         except EngineDead as exc:

@@ -70,7 +70,7 @@ CASES: list[tuple[str, dict[str, Any], int, dict[str, str]]] = [
     ("/generate", {"content": b"{not json", "headers": JSON}, 400, {"model": "unknown", "status": "invalid"}),
     ("/generate", {"data": {"prompt": "hi"}}, 400, {"model": "unknown", "status": "invalid"}),
     ("/generate", {"json": {"prompt": "hi", "max_tokens": 100000}}, 400, {"model": "standard", "status": "invalid"}),
-    ("/v1/chat/completions", {"json": {"model": "standard", "messages": CAPITAL, "logit_bias": {"1": 2}}}, 400,
+    ("/v1/chat/completions", {"json": {"model": "standard", "messages": CAPITAL, "functions": [{"name": "f"}]}}, 400,
      {"model": "unknown", "status": "invalid"}),
     ("/generate", {"json": {"model": "nope", "prompt": "hi"}}, 404, {"model": "unknown", "status": "not_found"}),
     ("/v1/completions", {"json": {"model": "nope", "prompt": "hi"}}, 404,
