@@ -40,6 +40,7 @@ class FakeEngine:
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
         image_tokens: int | None = None,
+        start_gate: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
@@ -48,6 +49,7 @@ class FakeEngine:
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
         self.image_tokens = image_tokens
+        self.start_gate = start_gate  # when set, start() also waits for it (tests hold a load open)
         self.started = False
         self.dead = False
         self.shutdowns = 0
@@ -58,6 +60,8 @@ class FakeEngine:
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
+        if self.start_gate is not None:
+            await self.start_gate.wait()
         if self.fail_start is not None:
             raise self.fail_start
         self.started = True
