@@ -11,10 +11,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
 
+# Published AWQ (4-bit) builds of the deployment guide's three models.
 PRODUCTION_MODELS: dict[str, str] = {
-    "standard": "meta-llama/Llama-3.1-8B-Instruct-AWQ",
-    "longctx": "mistralai/Mistral-NeMo-Instruct-2407-AWQ",
-    "multimodal": "google/gemma-3-12b-it-awq",
+    "standard": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
+    "longctx": "casperhansen/mistral-nemo-instruct-2407-awq",
+    "multimodal": "gaunernst/gemma-3-12b-it-int4-awq",
+}
+# The deployment guide names ids that are not published on the Hub; they still work, as aliases
+# of the builds above (resolved with a log line).
+GUIDE_MODEL_ALIASES: dict[str, str] = {
+    "meta-llama/Llama-3.1-8B-Instruct-AWQ": PRODUCTION_MODELS["standard"],
+    "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
+    "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
 }
 DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
@@ -40,6 +48,13 @@ class AppSettings(BaseSettings):
     port: int = Field(8002, ge=1, le=65535, description="Port uvicorn listens on.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin API (load and unload slots); unset disables it."
+    )
+    shutdown_grace_seconds: int = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="How long requests in flight may take to finish after SIGTERM; keep it below the "
+        "Kubernetes terminationGracePeriodSeconds minus the preStop pause.",
     )
 
     @field_validator("log_level", mode="before")
@@ -87,6 +102,17 @@ class LLMSettings(BaseSettings):
         default_factory=dict, description="JSON object of extra vLLM engine arguments for multimodal."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine is split across.")
+    min_model_len: int = Field(
+        4096,
+        ge=256,
+        description="Shortest context a slot's default max_model_len is cut to when the slot does not fit "
+        "the device; a slot that does not fit even then is reported as not loadable.",
+    )
+    multimodal_images: bool = Field(
+        True,
+        description="Accept images on the multimodal slot; false starts its engine text-only "
+        "(no vision tower loaded or profiled).",
+    )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs / torch.compile; default true on cpu, false on cuda."
     )

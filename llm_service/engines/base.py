@@ -20,6 +20,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     revision: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
+    # Why the slot cannot load on this device (from the sizing plan); None when it can.
+    unloadable: str | None = None
+    # Other names a client may use for this slot's model (the deployment guide's ids).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

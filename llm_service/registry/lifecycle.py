@@ -51,21 +51,10 @@ class ModelRegistry:
         self._metrics = metrics
         self._clock = clock
         self._slots = {config.slot: Slot(config=config, pinned=pinned) for config, pinned in slots}
+        # Whether slots fit is the sizing plan's decision (llm_service.sizing): a slot that cannot
+        # load on this device is marked `unloadable` and answers 503, the others serve.
         for slot in self._slots.values():
-            if slot.config.memory_share > budget + 1e-9:
-                raise ValueError(
-                    f"slot {slot.name!r} needs a memory share of {slot.config.memory_share:.2f}, more than "
-                    f"the whole budget LLM_GPU_MEMORY_UTILIZATION={budget:.2f}; lower "
-                    f"LLM_MEMORY_SHARE_{slot.name.upper()} or LLM_MAX_MODEL_LEN_{slot.name.upper()}"
-                )
             metrics.init_slot(slot.name)
-        pinned_share = sum(s.config.memory_share for s in self._slots.values() if s.pinned)
-        if pinned_share > budget + 1e-9:
-            raise ValueError(
-                f"the preloaded slots need a memory share of {pinned_share:.2f} together, more than "
-                f"LLM_GPU_MEMORY_UTILIZATION={budget:.2f}; preload fewer (LLM_PRELOAD_MODELS) or "
-                "lower their LLM_MEMORY_SHARE_* / LLM_MAX_MODEL_LEN_*"
-            )
         # One lifecycle change (load, unload, eviction, dropping a dead engine) at a time.
         self._lifecycle_lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -95,7 +84,7 @@ class ModelRegistry:
         if name_or_model_id in self._slots:
             return self._slots[name_or_model_id]
         for slot in self._slots.values():
-            if slot.config.model_id == name_or_model_id:
+            if name_or_model_id == slot.config.model_id or name_or_model_id in slot.config.aliases:
                 return slot
         return self.slot(name_or_model_id)
 
@@ -195,9 +184,18 @@ class ModelRegistry:
             self._metrics.in_flight.labels(model=slot.name).dec()
             self._notify()
 
+    def _check_loadable(self, slot: Slot) -> None:
+        """503 at once, without evicting anything, for a slot the sizing plan found no room for."""
+        reason = slot.config.unloadable
+        if reason is None and slot.config.memory_share > self.budget + 1e-9:
+            reason = f"its memory share {slot.config.memory_share:.2f} is more than the budget {self.budget:.2f}"
+        if reason is not None:
+            raise ModelUnavailable(f"model {slot.name!r} cannot be loaded on this device: {reason}", param="model")
+
     async def _admit(self, slot: Slot) -> Engine:
         """The slot's engine, with the request counted in flight (in the same step as the check,
         so that no eviction comes in between)."""
+        self._check_loadable(slot)
         arrived = self._clock()
         if slot.admits(arrived) and not slot.wait_starts:
             return self._take(slot)
@@ -251,6 +249,7 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """Load a slot now (admin); returns when loaded, raises ModelUnavailable otherwise."""
         slot = self.slot(name)
+        self._check_loadable(slot)
         started = self._clock()
         await asyncio.shield(self._ensure_load_task(slot))
         if slot.load_refused is not None and slot.load_refused[0] >= started:

@@ -127,6 +127,6 @@ class Slot:
             "draining": self.draining_since is not None,
             "last_used": self.last_used_at,
             "loaded_at": self.loaded_at,
-            "error": self.error,
+            "error": self.error or self.config.unloadable,
             "next_retry_seconds": round(max(0.0, self.retry_at - now), 1) if self.state is SlotState.FAILED else None,
         }

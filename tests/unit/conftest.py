@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,6 +17,10 @@ from llm_service.registry import ModelRegistry, RegistryPolicy
 from llm_service.settings import AppSettings, LLMSettings, Settings
 
 GIB = 1024**3
+
+# Unit tests never ask the Hugging Face Hub: model metadata comes from local folders, a test's own
+# cache directory or the configs shipped with the package.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 class FakeFactory:
