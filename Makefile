@@ -8,10 +8,12 @@ BIN := $(VENV)/bin
 EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
+# The multimodal slot's CPU default: an Idefics3 around the demo model (random vision tower, ~20 s).
+DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 
 .PHONY: setup serve test test-unit lint redis clean bench bench-tools
 
-setup: $(STAMP) redis $(DEMO_MODEL)
+setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,22 +26,23 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# redis-server for the cache; jq, which the docs' examples (run by the tests) pipe into.
 redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@command -v redis-server >/dev/null && command -v jq >/dev/null || { \
+	  echo "installing redis-server and jq"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server jq >/dev/null; }
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
 
-# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote).
+$(DEMO_MULTIMODAL): | $(DEMO_MODEL)
+	$(BIN)/python -m llm_service.demo_model --multimodal
+
+# With the cache on, runs a local redis-server for as long as the service runs, unless one answers
+# (or REDIS_HOST is remote): scripts/serve.sh.
 serve: setup
-	@case "$${REDIS_HOST:-localhost}" in localhost|127.0.0.1) \
-	  redis-cli -p $${REDIS_PORT:-6379} ping >/dev/null 2>&1 || \
-	  redis-server --port $${REDIS_PORT:-6379} --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null;; \
-	esac
-	$(BIN)/python -m llm_service
+	scripts/serve.sh $(BIN)/python
 
 # bench-tools: the suite runs the benchmark harness's smoke form, which uses ab.
 test: setup bench-tools

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from llm_service.cache_control import CacheControl
-from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob
+from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.metrics import Metrics
 from llm_service.settings import LLMSettings, RedisSettings, Settings
 
@@ -54,6 +54,7 @@ def cache_key(
     prompt: str | None,
     messages: list[dict[str, Any]] | None,
     default_max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """`{namespace}:response:v{schema}:{slot}:{sha256}` over everything that changes the output.
 
@@ -76,6 +77,9 @@ def cache_key(
         "messages": messages,
         "sampling": params,
     }
+    if extra:
+        # Token-id prompts and images beside a prompt; absent otherwise, so older keys stay valid.
+        material["input"] = extra
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     return f"{namespace}:response:v{SCHEMA_VERSION}:{config.slot}:{digest}"
@@ -97,6 +101,7 @@ class CachePolicy:
         prompt: str | None,
         messages: list[dict[str, Any]] | None,
         config: EngineConfig,
+        extra: dict[str, Any] | None = None,
     ) -> CachePlan | None:
         """None: the request bypasses the cache (and coalescing) entirely."""
         if not self.enabled or control.force is False:
@@ -105,7 +110,7 @@ class CachePolicy:
             return None
         if control.no_cache and control.no_store:
             return None
-        key = cache_key(self.namespace, config, sampling, prompt, messages, self.default_max_tokens)
+        key = cache_key(self.namespace, config, sampling, prompt, messages, self.default_max_tokens, extra)
         ttl = control.ttl or self.default_ttl
         return CachePlan(key, read=not control.no_cache, store=not control.no_store, ttl=ttl)
 
@@ -122,6 +127,17 @@ class FinishedChoice(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def logprobs(self) -> Sequence[TokenLogprob]: ...
+    @property
+    def tool_calls(self) -> Sequence[FinishedToolCall]: ...
+
+
+class FinishedToolCall(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def arguments(self) -> str: ...
 
 
 class FinishedGeneration(Protocol):
@@ -142,6 +158,7 @@ class CachedChoice:
     finish_reason: str | None
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[tuple[str, str, str], ...] = ()  # (id, name, arguments)
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,10 @@ class CachedResponse:
             result.prompt,
             result.prompt_tokens,
             tuple(
-                CachedChoice(c.index, c.text, c.finish_reason, c.completion_tokens, tuple(c.logprobs))
+                CachedChoice(
+                    c.index, c.text, c.finish_reason, c.completion_tokens, tuple(c.logprobs),
+                    tuple((t.id, t.name, t.arguments) for t in c.tool_calls),
+                )
                 for c in choices
             ),
             time.time(),
@@ -175,7 +195,9 @@ class CachedResponse:
         """The entry as a stream: one delta per choice, carrying its whole text."""
         return [
             GenerationDelta(
-                c.index, c.text, c.completion_tokens, self.prompt_tokens, c.finish_reason, c.logprobs
+                c.index, c.text, c.completion_tokens, self.prompt_tokens, c.finish_reason, c.logprobs,
+                tuple(ToolCallDelta(i, call_id, name, arguments) for i, (call_id, name, arguments) in
+                      enumerate(c.tool_calls)),
             )
             for c in self.choices
         ]
@@ -194,6 +216,7 @@ class CachedResponse:
                     "finish_reason": c.finish_reason,
                     "completion_tokens": c.completion_tokens,
                     "logprobs": [[lp.token, lp.logprob, [list(t) for t in lp.top]] for lp in c.logprobs],
+                    **({"tool_calls": [list(t) for t in c.tool_calls]} if c.tool_calls else {}),
                 }
                 for c in self.choices
             ],
@@ -217,6 +240,7 @@ class CachedResponse:
                         TokenLogprob(str(tok), float(lp), tuple((str(t), float(v)) for t, v in top))
                         for tok, lp, top in c["logprobs"]
                     ),
+                    tool_calls=tuple((str(i), str(n), str(a)) for i, n, a in c.get("tool_calls", ())),
                 )
                 for c in body["choices"]
             )
@@ -235,10 +259,11 @@ class CachedResponse:
 class ResponseCache(Protocol):
     """Where finished responses live. Never raises: a failure is a miss or a lost write."""
 
-    async def get(self, key: str) -> CachedResponse | None:
-        """The entry under `key`, or None (absent, unreadable, or the store is unavailable)."""
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
+        """The entry under `key`, or None (absent, unreadable, or the store is unavailable).
+        `model` (the slot) labels the error metrics."""
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         """Store `entry` for `ttl` seconds; False when it was not stored."""
 
     async def health(self) -> dict[str, Any]:
@@ -251,10 +276,10 @@ class ResponseCache(Protocol):
 class NoCache:
     """The cache when LLM_CACHE_ENABLED=false: nothing is read or stored."""
 
-    async def get(self, key: str) -> CachedResponse | None:
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
         return None
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         return False
 
     async def health(self) -> dict[str, Any]:
@@ -345,23 +370,23 @@ class RedisCache:
             client_name="llm-service",
         )
 
-    async def get(self, key: str) -> CachedResponse | None:
-        data = await self._call("get", lambda: self._client.get(key))
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
+        data = await self._call("get", lambda: self._client.get(key), model)
         if data is None:
             return None
         try:
             return CachedResponse.decode(data.encode() if isinstance(data, str) else data)
         except ValueError as exc:
-            self._metrics.cache_errors.labels(operation="decode").inc()
+            self._metrics.cache_errors.labels(model=model, operation="decode").inc()
             log.warning("cache_entry_unreadable", key=key, error=str(exc))
             return None
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         data = entry.encode()
         if len(data) > self.max_entry_bytes:
             log.info("cache_entry_too_large", bytes=len(data), limit=self.max_entry_bytes)
             return False
-        return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl)))
+        return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl), model))
 
     async def health(self) -> dict[str, Any]:
         pong = await self._call("ping", self._client.ping)
@@ -378,7 +403,7 @@ class RedisCache:
         except (RedisError, OSError) as exc:
             log.warning("cache_close_failed", error=str(exc))
 
-    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]], model: str = "") -> T | None:
         """Run one Redis call; None when the breaker is open or the call failed."""
         if not self._breaker.allow():
             return None
@@ -386,14 +411,14 @@ class RedisCache:
             async with asyncio.timeout(self._deadline):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(operation, exc)
+            self._failed(operation, exc, model)
             return None
         self._breaker.success()
         self._last_error = None
         return result
 
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        self._metrics.cache_errors.labels(operation=operation).inc()
+    def _failed(self, operation: str, exc: BaseException, model: str) -> None:
+        self._metrics.cache_errors.labels(model=model, operation=operation).inc()
         self._last_error = f"{type(exc).__name__}: {exc}"
         opened = self._breaker.failure()
         log.warning(

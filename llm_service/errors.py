@@ -116,12 +116,29 @@ def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) 
     return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
 
 
+def _body_problem(err: dict[str, Any]) -> str | None:
+    """The message for a body that is not a JSON object at all (its errors have no field)."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+        where = f" (at character {loc[1]})" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON: {reason}{where}"
+    if loc == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object (send it with Content-Type: application/json)"
+    return None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
     first_param = None
     for err in exc.errors():
+        problem = _body_problem(err)
+        if problem is not None:
+            parts.append(problem)
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        # A model-level validator names its field in ctx["param"] (it has no location).
+        param = ".".join(loc) or (err.get("ctx") or {}).get("param")
         first_param = first_param or param
         parts.append(f"{param}: {err.get('msg')}" if param else str(err.get("msg")))
     return "; ".join(parts) or "invalid request", first_param

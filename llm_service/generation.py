@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -15,16 +17,22 @@ from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
 from llm_service.engines.base import (
+    ChatConfig,
     Engine,
     GenerationDelta,
     GenerationRequest,
+    InvalidImage,
+    PromptInput,
     PromptTooLong,
     SamplingOptions,
     TokenLogprob,
+    ToolCallDelta,
 )
 from llm_service.errors import InvalidRequest, ServiceError, to_service_error
+from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.request_metrics import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
@@ -40,6 +48,31 @@ class GenerationSpec:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     cache: CacheControl = field(default_factory=CacheControl)
+    token_ids: tuple[int, ...] | None = None  # a prompt given as token ids (/v1/completions)
+    images: tuple[str, ...] = ()  # image URLs that go with `prompt`
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, with messages
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    record: RequestRecord = field(default_factory=RequestRecord)  # the HTTP request's, for its count
+
+    def prompt_input(self) -> PromptInput:
+        """What the engine renders."""
+        return PromptInput(
+            text=self.prompt, token_ids=self.token_ids, messages=self.messages, images=self.images,
+            tools=self.tools, tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+        )
+
+
+@dataclass
+class ToolCall:
+    """One complete tool call of a choice, folded from its deltas."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
 
 
 @dataclass
@@ -49,6 +82,23 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add_tool_calls(self, deltas: tuple[ToolCallDelta, ...]) -> None:
+        """Fold call pieces: the first piece of a call brings its id and name, later ones arguments."""
+        for delta in deltas:
+            while len(self.tool_calls) <= delta.index:
+                self.tool_calls.append(ToolCall(id="", name=""))
+            call = self.tool_calls[delta.index]
+            call.id = delta.id or call.id
+            call.name = delta.name or call.name
+            call.arguments += delta.arguments
+
+    def trace_output(self) -> str:
+        """What a trace records as this choice's output: its text, or its tool calls."""
+        if not self.tool_calls:
+            return self.text
+        return json.dumps({"content": self.text or None, "tool_calls": [c.as_dict() for c in self.tool_calls]})
 
 
 @dataclass
@@ -64,6 +114,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
     def add(self, delta: GenerationDelta) -> None:
@@ -74,13 +125,14 @@ class GenerationResult:
         choice.text += delta.text
         choice.completion_tokens = delta.completion_tokens
         choice.logprobs.extend(delta.logprobs)
+        choice.add_tool_calls(delta.tool_calls)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
         self.prompt_tokens = delta.prompt_tokens
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "MISS"}
+        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
@@ -102,13 +154,13 @@ class GenerationStream:
         service: GenerationService,
         result: GenerationResult,
         trace: Trace = NO_TRACE,
-        counts_request: bool = True,
+        record: RequestRecord | None = None,
     ) -> None:
         self.result = result
         self.trace = trace
         self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
         self.ran_engine = False
-        self._counts_request = counts_request  # False for a generation shared by coalesced requests
+        self._request = record  # None for a generation shared by coalesced requests (each reader's counts)
         self._error: str | None = None
         self._service = service
         self._stack = contextlib.AsyncExitStack()
@@ -165,6 +217,8 @@ class GenerationStream:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
         self._outcome = _status_label(error)
         self._error = error.message
+        if self._request is not None:
+            self._request.failed(error.status_code)
         await self.aclose(cause)
 
     async def aclose(self, cause: BaseException | None = None) -> None:
@@ -180,9 +234,9 @@ class GenerationStream:
         finally:
             result = self.result
             result.total_time = time.perf_counter() - self._started
-            self._service.record(result, self._outcome, self.ran_engine, self._counts_request)
+            self._service.record(result, self._outcome, self.ran_engine)
             self.trace.end(
-                outputs=[c.text for c in result.choices],
+                outputs=[c.trace_output() for c in result.choices],
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 time_to_first_token=result.time_to_first_token,
@@ -222,21 +276,26 @@ class GenerationService:
         EngineFailure.
         """
         slot = self.registry.find(spec.slot)
+        spec.record.slot = slot.name
+        images = await inspect_images(spec.messages, spec.images, slot.config.images)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(
             request_id=spec.request_id,
             slot=slot.name,
             model_id=slot.config.model_id,
-            input=spec.messages if spec.messages is not None else spec.prompt,
+            input=_trace_input(spec, images),
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace)
+        stream = GenerationStream(self, result, trace, spec.record)
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
-        if coalescer is not None:
-            plan = coalescer.policy.plan(spec.cache, spec.sampling, spec.prompt, spec.messages, slot.config)
+        if coalescer is not None and images.cacheable:
+            plan = coalescer.policy.plan(
+                spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
+                extra=_key_extra(spec, images, slot.config.chat),
+            )
         if coalescer is None or plan is None:
             return await self._opened(stream, self._start(stream, spec))
         return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
@@ -250,13 +309,14 @@ class GenerationService:
 
         async def open_engine() -> GenerationStream:
             shared_result = dataclasses.replace(result, choices=[], trace_id=None)
-            # The request count is each reader's; the engine's work is counted once, here.
-            shared = GenerationStream(self, shared_result, counts_request=False)
+            # The engine's work is counted once, here; each reader's request is its own.
+            shared = GenerationStream(self, shared_result)
             await self._opened(shared, self._start(shared, spec))
             return shared
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
         result.prompt = served.prompt
@@ -264,9 +324,20 @@ class GenerationService:
     async def _start(self, stream: GenerationStream, spec: GenerationSpec) -> None:
         """Acquire the slot, render and check the prompt, start the engine."""
         engine = await stream.enter(self.registry.acquire(stream.result.slot))
-        stream.result.prompt = self._prompt(engine, spec)
-        sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
-        await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))
+        try:
+            rendered = await engine.render(spec.prompt_input())
+        except InvalidImage as exc:
+            raise InvalidRequest(str(exc), param="images" if spec.images else "messages") from exc
+        except PromptTooLong as exc:
+            raise InvalidRequest(str(exc), param="messages" if spec.messages is not None else "prompt") from exc
+        except ValueError as exc:
+            param = "messages" if spec.messages is not None else "prompt"
+            raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
+        stream.result.prompt = rendered.text
+        sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
+        # The client's request id may repeat (X-Request-ID); the engine's must be unique.
+        engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
+        await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
@@ -291,19 +362,9 @@ class GenerationService:
             pass
         return stream.result
 
-    def _prompt(self, engine: Engine, spec: GenerationSpec) -> str:
-        if spec.messages is not None:
-            try:
-                return engine.render_chat(spec.messages)
-            except ValueError as exc:
-                raise InvalidRequest(f"cannot render messages: {exc}", param="messages") from exc
-        assert spec.prompt is not None
-        return spec.prompt
-
-    def _bounded(self, engine: Engine, prompt: str, sampling: SamplingOptions) -> SamplingOptions:
-        """Fill in the default max_tokens and check the prompt fits the slot's context."""
+    def _bounded(self, engine: Engine, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
+        """Fill in the default max_tokens and check the prompt (image tokens included) fits the context."""
         limit = engine.config.max_model_len
-        prompt_tokens = engine.count_tokens(prompt)
         max_tokens = sampling.max_tokens
         if max_tokens <= 0:
             max_tokens = max(1, min(self.default_max_tokens, limit - prompt_tokens))
@@ -313,13 +374,9 @@ class GenerationService:
             return sampling
         return dataclasses.replace(sampling, max_tokens=max_tokens)
 
-    def record(
-        self, result: GenerationResult, outcome: str, ran_engine: bool, counts_request: bool = True
-    ) -> None:
-        """Count one request, and the engine's work if it ran, in the metrics."""
+    def record(self, result: GenerationResult, outcome: str, ran_engine: bool) -> None:
+        """Count the engine's work, if it ran, in the metrics (requests count in RequestAccounting)."""
         m, slot = self.metrics, result.slot
-        if counts_request:
-            m.requests.labels(model=slot, status=outcome).inc()
         if not ran_engine:
             return
         m.engine_generations.labels(model=slot).inc()
@@ -337,6 +394,32 @@ class GenerationService:
             ttft=_round(result.time_to_first_token),
             seconds=_round(result.total_time),
         )
+
+
+def _trace_input(spec: GenerationSpec, images: RequestImages) -> Any:
+    """The request's input as traces record it: images by size and hash, never their bytes."""
+    if spec.messages is not None:
+        return images.summarised_messages or spec.messages
+    if spec.token_ids is not None:
+        return {"token_ids": list(spec.token_ids)}
+    if images is not NO_IMAGES:
+        return {"prompt": spec.prompt, "images": images.summaries()}
+    return spec.prompt
+
+
+def _key_extra(spec: GenerationSpec, images: RequestImages, chat: ChatConfig) -> dict[str, Any] | None:
+    """Cache key material beyond prompt and messages: token ids, images beside a prompt, tools,
+    and the slot's chat template and tool parser (they change the prompt and the parsed output)."""
+    extra: dict[str, Any] = {}
+    if spec.token_ids is not None:
+        extra["token_ids"] = list(spec.token_ids)
+    if spec.images:
+        extra["images"] = images.summaries()
+    if spec.tools:
+        extra["tools"] = {"tools": spec.tools, "choice": spec.tool_choice, "parallel": spec.parallel_tool_calls}
+    if chat != ChatConfig():
+        extra["chat"] = dataclasses.asdict(chat)
+    return extra or None
 
 
 def _round(value: float | None) -> float | None:

@@ -2,18 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llm_service.cache_control import CacheOptions
 
 
+class ImageURL(BaseModel):
+    """Where an image is: a data: URL (base64), or an http(s) URL on an allowed host."""
+
+    url: str = Field(description="data:image/png;base64,... or https://host/path (LLM_IMAGE_FETCH_HOSTS).")
+    detail: str | None = Field(None, description="Accepted and ignored (as OpenAI's).")
+
+
+class TextPart(BaseModel):
+    """A text content part."""
+
+    type: Literal["text"] = Field(description="text")
+    text: str = Field(description="The text.")
+
+
+class ImagePart(BaseModel):
+    """An image content part, as in OpenAI's chat API."""
+
+    type: Literal["image_url"] = Field(description="image_url")
+    image_url: ImageURL = Field(description="The image.")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Name (letters, digits, _ . -, at most 64).")
+    description: str | None = Field(None, description="What the function does, for the model.")
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments object.")
+    strict: bool | None = Field(None, description="Accepted; forced calls always follow the schema.")
+
+    @model_validator(mode="after")
+    def _object_schema(self) -> FunctionDefinition:
+        if self.parameters is not None and self.parameters.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON Schema of type object")
+        return self
+
+
+class ToolDefinition(BaseModel):
+    """A tool: only functions."""
+
+    type: Literal["function"] = Field(description="function")
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(description="Name of one of the tools.")
+
+
+class NamedToolChoice(BaseModel):
+    """Force a call of this function."""
+
+    type: Literal["function"] = Field(description="function")
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat message; content is plain text."""
+    """One chat message; content is text, or text and image parts (images on the multimodal slot)."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"] = Field(description="Who speaks.")
-    content: str = Field(description="The message text.")
+    content: str | list[ContentPart] | None = Field(
+        description="The message text, or a list of content parts (None for an assistant's tool calls)."
+    )
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="An assistant's calls, as OpenAI's: [{id, type: function, function: {name, arguments}}]."
+    )
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
 
 MAX_STOP = 16
@@ -64,21 +128,61 @@ class GenerateRequest(SamplingFields):
 
     model: str = Field("standard", description="Slot name (standard, longctx, multimodal) or its model id.")
     prompt: str | None = Field(None, description="Raw prompt text, sent to the model as is.")
+    images: list[str] | None = Field(
+        None,
+        description="Image URLs (data: or allowed http(s)) that go with `prompt`: each takes the place of one "
+        "image placeholder of the model in the prompt (e.g. <image>), or, with none, goes before the text.",
+    )
     messages: list[ChatMessage] | None = Field(
         None, description="Chat messages, rendered with the model's chat template."
     )
     stream: bool = Field(False, description="Stream Server-Sent Events instead of one JSON response.")
     cache: CacheOptions | None = Field(None, description="Per-request cache controls.")
+    tools: list[ToolDefinition] | None = Field(
+        None, min_length=1, description="Functions the model may call (with messages), as OpenAI's tools."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function."
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        # ctx["param"] names the field for the error envelope: a model validator has no field location.
+        if self.prompt is None and self.messages is None:
+            raise PydanticCustomError("missing", "give exactly one of 'prompt' or 'messages'", {"param": "prompt"})
+        if self.prompt is not None and self.messages is not None:
+            message = "give exactly one of 'prompt' or 'messages', not both"
+            raise PydanticCustomError("value_error", message, {"param": "messages"})
         if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
+            raise PydanticCustomError("value_error", "'messages' must not be empty", {"param": "messages"})
         if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("'prompt' must not be empty")
+            raise PydanticCustomError("value_error", "'prompt' must not be empty", {"param": "prompt"})
+        if self.images is not None and self.prompt is None:
+            message = "'images' go with 'prompt'; in 'messages' images are image_url content parts"
+            raise PydanticCustomError("value_error", message, {"param": "images"})
+        if self.tools is not None and self.messages is None:
+            raise PydanticCustomError("value_error", "'tools' go with 'messages'", {"param": "tools"})
+        try:
+            check_tool_choice(self.tools, self.tool_choice)
+        except ValueError as exc:
+            raise PydanticCustomError("value_error", str(exc), {"param": "tool_choice"}) from None
         return self
+
+
+def check_tool_choice(tools: list[ToolDefinition] | None, choice: str | NamedToolChoice | None) -> None:
+    """A tool_choice other than none needs tools, and a named one one of them."""
+    if choice not in (None, "none") and not tools:
+        raise ValueError("tool_choice needs tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools or ()}:
+        raise ValueError(f"tool_choice names {choice.function.name!r}, which is not one of the tools")
+
+
+class ToolCallOut(BaseModel):
+    """A call the model made, in /generate's shape."""
+
+    id: str = Field(description="Id to answer it with (a tool message's tool_call_id).")
+    name: str = Field(description="The function.")
+    arguments: str = Field(description="Its arguments: a JSON object, as text.")
 
 
 class Usage(BaseModel):
@@ -99,7 +203,11 @@ class GenerateResponse(BaseModel):
     model: str = Field(description="Slot that served the request.")
     model_id: str = Field(description="Model id loaded in that slot.")
     text: str = Field(description="Generated text.")
-    finish_reason: str | None = Field(description="stop, length or abort.")
+    finish_reason: str | None = Field(description="stop, length, abort, or tool_calls.")
+    tool_calls: list[ToolCallOut] | None = Field(None, description="The calls the model made (absent if none).")
     usage: Usage
     timings: Timings
     cached: bool = Field(False, description="True when the response came from the cache.")
+    coalesced: bool = Field(
+        False, description="True when an identical request in flight generated it for both (X-Cache: COALESCED)."
+    )

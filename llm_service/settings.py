@@ -11,14 +11,24 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
 
+# Published AWQ (4-bit) builds of the deployment guide's three models.
 PRODUCTION_MODELS: dict[str, str] = {
-    "standard": "meta-llama/Llama-3.1-8B-Instruct-AWQ",
-    "longctx": "mistralai/Mistral-NeMo-Instruct-2407-AWQ",
-    "multimodal": "google/gemma-3-12b-it-awq",
+    "standard": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
+    "longctx": "casperhansen/mistral-nemo-instruct-2407-awq",
+    "multimodal": "gaunernst/gemma-3-12b-it-int4-awq",
+}
+# The deployment guide names ids that are not published on the Hub; they still work, as aliases
+# of the builds above (resolved with a log line).
+GUIDE_MODEL_ALIASES: dict[str, str] = {
+    "meta-llama/Llama-3.1-8B-Instruct-AWQ": PRODUCTION_MODELS["standard"],
+    "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
+    "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
 }
 DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
+# The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
+DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
 
 
 class SettingsError(ValueError):
@@ -40,6 +50,13 @@ class AppSettings(BaseSettings):
     port: int = Field(8002, ge=1, le=65535, description="Port uvicorn listens on.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin API (load and unload slots); unset disables it."
+    )
+    shutdown_grace_seconds: int = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="How long requests in flight may take to finish after SIGTERM; keep it below the "
+        "Kubernetes terminationGracePeriodSeconds minus the preStop pause.",
     )
 
     @field_validator("log_level", mode="before")
@@ -87,6 +104,17 @@ class LLMSettings(BaseSettings):
         default_factory=dict, description="JSON object of extra vLLM engine arguments for multimodal."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine is split across.")
+    min_model_len: int = Field(
+        4096,
+        ge=256,
+        description="Shortest context a slot's default max_model_len is cut to when the slot does not fit "
+        "the device; a slot that does not fit even then is reported as not loadable.",
+    )
+    multimodal_images: bool = Field(
+        True,
+        description="Accept images on the multimodal slot; false starts its engine text-only "
+        "(no vision tower loaded or profiled).",
+    )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs / torch.compile; default true on cpu, false on cuda."
     )
@@ -100,7 +128,27 @@ class LLMSettings(BaseSettings):
         10.0, ge=0, description="How long a load waits for in-flight requests of an LRU slot to end."
     )
     load_retry_seconds: float = Field(
-        30.0, ge=0, description="Back-off before a failed slot is loaded again."
+        10.0,
+        ge=0,
+        description="Back-off before a failed slot (a failed load or a dead engine) is loaded again by itself; "
+        "it doubles with each failure in a row, up to LLM_LOAD_RETRY_MAX_SECONDS.",
+    )
+    load_retry_max_seconds: float = Field(
+        300.0, ge=0, description="Longest back-off between automatic loads of a slot that keeps failing."
+    )
+    min_residency_seconds: float = Field(
+        5.0, ge=0, description="A loaded slot is not evicted sooner than this after its load (stops thrashing)."
+    )
+    swap_fairness_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="While a slot's requests wait for room in the budget, a loaded slot in the way keeps "
+        "admitting requests this long before it drains and is evicted.",
+    )
+    memory_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long a load waits for the device memory of an evicted or dead engine to be free.",
     )
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
     cache_enabled: bool = Field(
@@ -118,6 +166,14 @@ class LLMSettings(BaseSettings):
     cache_namespace: str = Field(
         "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
     )
+
+    @field_validator("load_retry_max_seconds")
+    @classmethod
+    def _retry_max_not_below_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("load_retry_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least LLM_LOAD_RETRY_SECONDS ({first})")
+        return value
 
     @field_validator("preload_models", mode="before")
     @classmethod
@@ -245,6 +301,86 @@ class LangfuseSettings(BaseSettings):
         return value
 
 
+class ImageSettings(BaseSettings):
+    """Images in requests (LLM_IMAGE_*): limits, and which hosts image URLs may be fetched from."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_IMAGE_", extra="ignore")
+
+    max_per_request: int = Field(4, ge=0, le=64, description="Most images one request may carry (0 = none).")
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest encoded image (decoded data: URL or download) in bytes."
+    )
+    max_pixels: int = Field(
+        16_777_216, ge=1024, description="Most pixels (width x height) one image may have."
+    )
+    fetch_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma list of hosts whose http(s) image URLs the service fetches (no redirects); "
+        "empty (the default) accepts data: URLs only.",
+    )
+    fetch_timeout_seconds: int = Field(5, ge=1, le=60, description="Longest download of one image URL.")
+
+    @field_validator("fetch_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fetch_hosts")
+    @classmethod
+    def _plain_hosts(cls, value: list[str]) -> list[str]:
+        bad = [host for host in value if "/" in host or ":" in host or "*" in host]
+        if bad:
+            raise ValueError(f"give host names only (no scheme, port, path or wildcard): {bad}")
+        return [host.lower() for host in value]
+
+
+class ChatSettings(BaseSettings):
+    """Per-slot chat template and tool-call parser (LLM_CHAT_TEMPLATE_<SLOT>, LLM_TOOL_PARSER_<SLOT>),
+    as `vllm serve --chat-template` and `--tool-call-parser`."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    chat_template_standard: Path | None = Field(
+        None, description="Jinja chat template file for standard; unset: the model's own (the demo: a tool template)."
+    )
+    chat_template_longctx: Path | None = Field(None, description="Jinja chat template file for longctx.")
+    chat_template_multimodal: Path | None = Field(None, description="Jinja chat template file for multimodal.")
+    tool_parser_standard: str | None = Field(
+        None, description="vLLM tool-call parser of standard; unset: the one for the slot's model; none: no tools."
+    )
+    tool_parser_longctx: str | None = Field(None, description="vLLM tool-call parser of longctx (as standard's).")
+    tool_parser_multimodal: str | None = Field(
+        None, description="vLLM tool-call parser of multimodal (as standard's)."
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="vLLM's --tool-strict-level for every slot: parameter makes each call's arguments follow its "
+        "tool's JSON schema; auto only for tools marked strict.",
+    )
+
+    @field_validator("chat_template_standard", "chat_template_longctx", "chat_template_multimodal")
+    @classmethod
+    def _template_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tool_parser_standard", "tool_parser_longctx", "tool_parser_multimodal")
+    @classmethod
+    def _parser_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError(f"not a tool parser name: {value!r} (e.g. llama3_json, mistral, hermes, none)")
+        return value
+
+    def chat_template_for(self, slot: str) -> Path | None:
+        return getattr(self, f"chat_template_{slot}")
+
+    def tool_parser_for(self, slot: str) -> str | None:
+        return getattr(self, f"tool_parser_{slot}")
+
+
 class Settings(BaseModel):
     """The whole configuration; build with `load_settings()` from the environment."""
 
@@ -252,6 +388,8 @@ class Settings(BaseModel):
     llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
     redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
     langfuse: LangfuseSettings = Field(default_factory=lambda: LangfuseSettings())
+    images: ImageSettings = Field(default_factory=lambda: ImageSettings())
+    chat: ChatSettings = Field(default_factory=lambda: ChatSettings())
 
 
 _SECTIONS: dict[str, type[BaseSettings]] = {
@@ -259,6 +397,8 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "llm": LLMSettings,
     "redis": RedisSettings,
     "langfuse": LangfuseSettings,
+    "images": ImageSettings,
+    "chat": ChatSettings,
 }
 
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from llm_service.api.deps import GenerationDep, RequestIdDep
+from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
 from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
-from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, Usage
+from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, ToolCallOut, Usage
 
 router = APIRouter(tags=["generate"])
 
@@ -30,7 +32,7 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         frequency_penalty=body.frequency_penalty,
         ignore_eos=body.ignore_eos,
     )
-    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages is not None else None
     return GenerationSpec(
         request_id=request_id,
         slot=body.model,
@@ -38,6 +40,9 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         prompt=body.prompt,
         messages=messages,
         cache=CacheControl.parse(cache_header, body.cache),
+        images=tuple(body.images or ()),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
     )
 
 
@@ -57,25 +62,40 @@ def response_of(result: GenerationResult) -> GenerateResponse:
         model_id=result.model_id,
         text=choice.text if choice else "",
         finish_reason=choice.finish_reason if choice else None,
+        tool_calls=[ToolCallOut(**c.as_dict()) for c in choice.tool_calls] if choice and choice.tool_calls else None,
         usage=usage_of(result),
         timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
         cached=result.cached,
+        coalesced=result.coalesced,
     )
 
 
+def body_of(result: GenerationResult) -> dict[str, Any]:
+    """The response body; `tool_calls` only when the model called a tool."""
+    return response_of(result).model_dump(exclude={"tool_calls"} if not _calls(result) else None)
+
+
+def _calls(result: GenerationResult) -> bool:
+    return bool(result.choices and result.choices[0].tool_calls)
+
+
 async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
-    """Deltas as `{"type": "delta"}` events, then one `done` event (or one `error` event)."""
+    """Deltas as `{"type": "delta"}` events (tool-call pieces as `{"type": "tool_call"}`), then one
+    `done` event carrying the complete calls (or one `error` event)."""
     try:
         async for delta in stream:
             if delta.text:
                 yield sse({"type": "delta", "id": stream.result.request_id, "text": delta.text})
+            for call in delta.tool_calls:
+                yield sse({"type": "tool_call", "id": stream.result.request_id, "index": call.index,
+                           "call_id": call.id, "name": call.name, "arguments": call.arguments})
     except ServiceError as exc:
         yield sse({"type": "error", **render_error(exc)})
         return
     except Exception as exc:  # after the first byte the status is sent: report in-band
         yield sse({"type": "error", **render_error(to_service_error(exc))})
         return
-    final = response_of(stream.result).model_dump()
+    final = body_of(stream.result)
     final.pop("text")
     yield sse({"type": "done", **final})
 
@@ -94,11 +114,12 @@ async def generate(
     body: GenerateRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = spec_from_request(body, request_id, cache_control)
+    spec = dataclasses.replace(spec_from_request(body, request_id, cache_control), record=record)
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())
     result = await generation.complete(spec)
-    return JSONResponse(response_of(result).model_dump(), headers=result.headers())
+    return JSONResponse(body_of(result), headers=result.headers())

@@ -6,15 +6,17 @@ metrics and limits are the same; this module only translates OpenAI's shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, ResourcesDep
-from llm_service.api.fanout import close_all, complete_all, merged, merged_headers, open_all
+from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
+from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -27,9 +29,9 @@ from llm_service.api.openai_schemas import (
 )
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.cache_control import CacheControl
-from llm_service.engines.base import SamplingOptions, TokenLogprob
+from llm_service.engines.base import SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.errors import InvalidRequest, render_openai_error, to_service_error
-from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
+from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream, ToolCall
 from llm_service.registry import Slot
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -72,8 +74,6 @@ async def retrieve_model(model: str, registry: RegistryDep, resources: Resources
 def _sampling(
     body: OpenAISampling, max_tokens: int | None, logprobs: int | None, json_schema: dict[str, Any] | None
 ) -> SamplingOptions:
-    if body.logit_bias:
-        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
     return SamplingOptions(
         max_tokens=max_tokens or 0,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -86,31 +86,44 @@ def _sampling(
         n=body.n or 1,
         logprobs=logprobs,
         json_schema=json_schema,
+        logit_bias=_logit_bias(body.logit_bias),
         ignore_eos=bool(body.ignore_eos),
     )
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's map of token id (as a string) to a bias in [-100, 100]."""
+    if not bias:
+        return None
+    try:
+        parsed = {int(token): float(value) for token, value in bias.items()}
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    if any(token < 0 for token in parsed) or any(not -100 <= value <= 100 for value in parsed.values()):
+        raise InvalidRequest("logit_bias maps token ids >= 0 to values in [-100, 100]", param="logit_bias")
+    return parsed
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """The message as vLLM's renderer takes it (content parts, images, tool calls pass through)."""
     param = f"messages.{index}"
-    if message.role in ("tool", "function") or message.tool_calls:
-        raise InvalidRequest("tool and function calling are not supported", param=param)
-    content = message.content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type")
-                raise InvalidRequest(f"only text content parts are supported, not {kind!r}", param=param)
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": content}
+    if message.role == "function":
+        raise InvalidRequest("function messages (deprecated) are not supported; use tool messages", param=param)
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidRequest("a tool message needs the tool_call_id it answers", param=param)
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.content is None and not message.tool_calls:
+        rendered["content"] = ""
+    for name in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, name):
+            rendered[name] = getattr(message, name)
+    return rendered
 
 
 def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
     """The generation a chat completion request asks for; InvalidRequest for unsupported fields."""
-    if (body.tools or body.functions) and body.tool_choice != "none":
-        raise InvalidRequest("tool and function calling are not supported", param="tools")
+    if body.functions:
+        raise InvalidRequest("functions (deprecated) are not supported; use tools", param="functions")
     if body.modalities and set(body.modalities) - {"text"}:
         raise InvalidRequest("only text output is supported", param="modalities")
     if body.top_logprobs is not None and not body.logprobs:
@@ -124,6 +137,9 @@ def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | 
         sampling=sampling,
         messages=[_message(m, i) for i, m in enumerate(body.messages)],
         cache=CacheControl.parse(cache_header, body.cache),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
     )
 
 
@@ -131,11 +147,7 @@ def completion_specs(
     body: CompletionRequest, request_id: str, cache_header: str | None
 ) -> list[GenerationSpec]:
     """One generation per prompt; InvalidRequest for unsupported fields."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise InvalidRequest("prompt must not be empty", param="prompt")
-    if not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequest("token-id prompts are not supported; send text", param="prompt")
+    prompts = _prompts(body.prompt)
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -149,11 +161,31 @@ def completion_specs(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
             slot=body.model,
             sampling=sampling,
-            prompt=str(prompt),
+            prompt=prompt if isinstance(prompt, str) else None,
+            token_ids=None if isinstance(prompt, str) else prompt,
             cache=cache,
         )
         for i, prompt in enumerate(prompts)
     ]
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | tuple[int, ...]]:
+    """The prompts of a completion request: text, or token ids (one list, or a list of lists)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [tuple(prompt)]  # type: ignore[arg-type]
+    prompts: list[str | tuple[int, ...]] = []
+    for p in prompt:
+        if isinstance(p, str):
+            prompts.append(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
+            prompts.append(tuple(p))
+        else:
+            raise InvalidRequest("prompt is text, a list of texts, token ids or lists of token ids", param="prompt")
+    return prompts
 
 
 # --- results to OpenAI shapes ----------------------------------------------------------------
@@ -188,11 +220,35 @@ def completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> dict[str,
     }
 
 
+def _tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]] | None:
+    if not calls:
+        return None
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def _tool_call_chunks(calls: Sequence[ToolCallDelta]) -> list[dict[str, Any]]:
+    """OpenAI's delta.tool_calls: index, id, type and name with a call's first piece, then arguments."""
+    chunks = []
+    for call in calls:
+        chunk: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments}}
+        if call.id:
+            chunk.update(id=call.id, type="function")
+        if call.name:
+            chunk["function"]["name"] = call.name
+        chunks.append(chunk)
+    return chunks
+
+
 def chat_response(result: GenerationResult, body: ChatCompletionRequest, created: int) -> dict[str, Any]:
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": None if c.tool_calls and not c.text else c.text,
+                "refusal": None,
+                "tool_calls": _tool_calls(c.tool_calls),
+            },
             "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None,
             "finish_reason": c.finish_reason,
         }
@@ -263,9 +319,12 @@ async def chat_chunks(
                           "logprobs": None, "finish_reason": None}])
     try:
         async for delta in stream:
+            content: dict[str, Any] = {"content": delta.text} if delta.text else {}
+            if delta.tool_calls:
+                content["tool_calls"] = _tool_call_chunks(delta.tool_calls)
             yield out.chunk([{
                 "index": delta.index,
-                "delta": {"content": delta.text} if delta.text else {},
+                "delta": content,
                 "logprobs": chat_logprobs(delta.logprobs) if body.logprobs else None,
                 "finish_reason": delta.finish_reason,
             }])
@@ -278,8 +337,9 @@ async def chat_chunks(
 
 
 async def completion_chunks(
-    streams: Sequence[GenerationStream], body: CompletionRequest, request_id: str, created: int
+    merged: MergedStreams, body: CompletionRequest, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    streams = merged.streams
     out = ChunkWriter("text_completion", f"cmpl-{request_id}", body.model, created, body.include_usage)
     n = body.n or 1
     offsets: dict[int, int] = {}
@@ -289,7 +349,7 @@ async def completion_chunks(
                 yield out.chunk([{"index": position * n + index, "text": stream.result.prompt,
                                   "logprobs": None, "finish_reason": None}])
     try:
-        async for position, delta in merged(streams):
+        async for position, delta in merged:
             index = position * n + delta.index
             logprobs = None
             if body.logprobs is not None:
@@ -312,9 +372,10 @@ async def chat_completions(
     body: ChatCompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = chat_spec(body, request_id, cache_control)
+    spec = dataclasses.replace(chat_spec(body, request_id, cache_control), record=record)
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)
@@ -330,15 +391,16 @@ async def completions(
     body: CompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    specs = completion_specs(body, request_id, cache_control)
+    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control)]
     created = int(time.time())
     if body.stream:
-        streams = await open_all(generation, specs)
-        headers = merged_headers([s.result for s in streams])
-        chunks = completion_chunks(streams, body, request_id, created)
-        return SSEResponse(chunks, on_close=lambda: close_all(streams), headers=headers)
+        merged = MergedStreams(await open_all(generation, specs))
+        headers = merged_headers([s.result for s in merged.streams])
+        chunks = completion_chunks(merged, body, request_id, created)
+        return SSEResponse(chunks, on_close=merged.aclose, headers=headers)
     results = await complete_all(generation, specs)
     response = completion_response(results, body, request_id, created)
     return JSONResponse(response, headers=merged_headers(results))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llm_service.cache_control import CacheOptions
-from llm_service.schemas import StopSequences, Usage
+from llm_service.schemas import NamedToolChoice, StopSequences, ToolDefinition, Usage, check_tool_choice
 
 # n multiplies the engine work of one request; OpenAI allows 128, one small slot serves fewer.
 MAX_N = 16
@@ -75,7 +75,9 @@ class OpenAISampling(StopSequences):
     ignore_eos: bool | None = Field(
         None, description="Extension (as vLLM): generate max_tokens tokens even past the end-of-sequence token."
     )
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is a 400.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100] added to its logit."
+    )
     user: str | None = Field(None, description="Accepted and ignored (never logged nor sent to the engine).")
     stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with data: [DONE].")
     stream_options: StreamOptions | None = Field(None, description="Options of a streamed response.")
@@ -92,15 +94,23 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
-        description="Who speaks; developer is treated as system; tool and function are not supported."
+        description="Who speaks; developer becomes system where the chat template has no developer role."
     )
-    content: str | list[dict[str, Any]] | None = Field(None, description="Text, or parts of type text.")
-    name: str | None = Field(None, description="Accepted and ignored.")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description="Not supported when non-empty.")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or content parts: text, and image_url (data: URLs; http(s) on allowed hosts)."
+    )
+    name: str | None = Field(None, description="Name of the speaker, passed to the chat template.")
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="The calls an assistant message made.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
 
 class ChatCompletionRequest(OpenAISampling):
     """Body of POST /v1/chat/completions."""
+
+    @model_validator(mode="after")
+    def _tool_choice_matches_tools(self) -> ChatCompletionRequest:
+        check_tool_choice(self.tools, self.tool_choice)
+        return self
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_completion_tokens: int | None = Field(None, ge=1, description="As max_tokens; wins if both are set.")
@@ -109,9 +119,12 @@ class ChatCompletionRequest(OpenAISampling):
         None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs: true)."
     )
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported unless tool_choice is none.")
+    tools: list[ToolDefinition] | None = Field(None, min_length=1, description="Functions the model may call.")
     functions: list[dict[str, Any]] | None = Field(None, description="Deprecated tools; not supported.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only none (or absent) is supported.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     modalities: list[str] | None = Field(None, description="Only text output is supported.")
 
 
@@ -119,7 +132,7 @@ class CompletionRequest(OpenAISampling):
     """Body of POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A prompt or a list of prompts (text; token-id prompts are not supported)."
+        description="A prompt or a list of prompts: text, or token ids."
     )
     echo: bool | None = Field(False, description="Prepend the prompt to each choice's text.")
     logprobs: int | None = Field(
@@ -164,17 +177,29 @@ class ChatLogprobs(BaseModel):
     refusal: list[TokenLogprobOut] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments, a JSON object as text.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = Field(description="stop or length.")
+    finish_reason: str | None = Field(description="stop, length, or tool_calls.")
 
 
 class ChatCompletionResponse(BaseModel):

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What images a request may carry (LLM_IMAGE_*); the engine enforces them on what it fetches."""
+
+    max_images: int = 4
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 16_777_216
+    fetch_hosts: tuple[str, ...] = ()  # empty: only data: URLs
+    fetch_timeout_seconds: int = 5
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """How a slot renders chat and reads tool calls (as `vllm serve --chat-template --tool-call-parser`)."""
+
+    chat_template: str | None = None  # a file path or the template itself; None: the model's own
+    tool_parser: str | None = None  # a name in vLLM's tool parser registry; None: no tool calls
+    # vLLM's --tool-strict-level: "parameter" makes every call follow its tool's JSON schema.
+    tool_strict_level: str = "parameter"
 
 
 @dataclass(frozen=True)
@@ -20,6 +41,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     revision: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
+    # Why the slot cannot load on this device (from the sizing plan); None when it can.
+    unloadable: str | None = None
+    # Other names a client may use for this slot's model (the deployment guide's ids).
+    aliases: tuple[str, ...] = ()
+    images: ImageLimits = field(default_factory=ImageLimits)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 @dataclass(frozen=True)
@@ -40,16 +67,51 @@ class SamplingOptions:
     logprobs: int | None = None
     # Structured output: a JSON schema, or {} for "any JSON object".
     json_schema: dict[str, Any] | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
     # Keep generating past the end-of-sequence token up to max_tokens (as vLLM; for load tests).
     ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
+class PromptInput:
+    """What the model is asked to continue, as the client gave it, before the engine renders it.
+
+    Exactly one of `text`, `token_ids` and `messages` is set. `messages` are OpenAI chat messages
+    (content a string or content parts, images as `image_url` parts); `images` are image URLs
+    (data: or http(s)) that go with a `text` prompt, placed as the engine documents.
+    """
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    messages: list[dict[str, Any]] | None = None
+    images: tuple[str, ...] = ()
+    # OpenAI's function tools, with messages only: [{"type": "function", "function": {...}}].
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required or {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt after rendering and tokenization, ready for one engine.
+
+    `prompt_tokens` counts every token the model reads, image tokens included; `payload` is the
+    engine's own input (vLLM's EngineInput), opaque to the rest of the service.
+    """
+
+    text: str
+    prompt_tokens: int
+    images: int = 0
+    payload: Any = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: a rendered prompt (text) and its sampling options."""
+    """One generation: a rendered prompt and its sampling options."""
 
     request_id: str
-    prompt: str
+    prompt: RenderedPrompt
     sampling: SamplingOptions
 
 
@@ -63,11 +125,22 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call of a choice: `id` and `name` come first, then `arguments` fragments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """New output for one choice since the previous delta.
 
     `completion_tokens` is cumulative for the choice; `finish_reason` is set on the last delta
-    of the choice ("stop", "length" or "abort").
+    of the choice ("stop", "length", "abort", or "tool_calls" when the model called a tool);
+    `text` is content only: tool-call markup comes parsed, as `tool_calls`.
     """
 
     index: int
@@ -76,6 +149,7 @@ class GenerationDelta:
     prompt_tokens: int
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class EngineError(Exception):
@@ -89,14 +163,22 @@ class EngineDead(EngineError):
 class PromptTooLong(ValueError):
     """The prompt plus max_tokens does not fit the slot's max_model_len."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+        # max_tokens None: the prompt alone is too long (the engine stopped counting past the limit).
         super().__init__(
             f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context length of {max_model_len} tokens"
+            if max_tokens is not None
+            else f"prompt (more than {max_model_len} tokens) exceeds the model's context length of "
+            f"{max_model_len} tokens"
         )
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.max_model_len = max_model_len
+
+
+class InvalidImage(ValueError):
+    """An image the engine cannot fetch, decode or take; the message says which one and why."""
 
 
 @runtime_checkable
@@ -108,11 +190,11 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; returns when the engine accepts requests. Raises on failure."""
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """Render chat messages to a prompt with the model's chat template (generation prompt added)."""
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        """Render (chat template, images) and tokenize a prompt once, off the event loop.
 
-    def count_tokens(self, prompt: str) -> int:
-        """Number of tokens the prompt encodes to (as the engine will count them)."""
+        Raises ValueError (InvalidImage for an image) for a prompt the model cannot take.
+        """
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Yield deltas until every choice has finished.
@@ -127,6 +209,10 @@ class Engine(Protocol):
 
     async def check_health(self) -> None:
         """Return if the engine is alive; raise EngineDead otherwise."""
+
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        """Have `callback` called once, on the event loop, when the started engine dies on its own
+        (never after shutdown()), so that its death is noticed at once rather than at a poll."""
 
     async def shutdown(self) -> None:
         """Stop the engine and free its memory (ends its processes). Idempotent."""

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from llm_service.engines.base import (
     EngineConfig,
     EngineDead,
     GenerationDelta,
     GenerationRequest,
+    InvalidImage,
+    PromptInput,
     PromptTooLong,
+    RenderedPrompt,
     TokenLogprob,
+    ToolCallDelta,
 )
 
 
 class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
-    `start_delay` and `token_delay` stretch time so tests can overlap requests;
+    `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine.
+    dead engine (kill() also signals its death, as vLLM's engine-dead notification does);
+    `image_tokens` is what one image costs (None: the model takes no images). A prompt's tokens
+    are its words.
     """
 
     def __init__(
@@ -30,32 +35,84 @@ class FakeEngine:
         config: EngineConfig,
         *,
         start_delay: float = 0.0,
+        shutdown_delay: float = 0.0,
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
+        image_tokens: int | None = None,
+        start_gate: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
+        self.shutdown_delay = shutdown_delay
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
+        self.image_tokens = image_tokens
+        self.start_gate = start_gate  # when set, start() also waits for it (tests hold a load open)
         self.started = False
         self.dead = False
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
+        self.request_ids: list[str] = []
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
+        if self.start_gate is not None:
+            await self.start_gate.wait()
         if self.fail_start is not None:
             raise self.fail_start
         self.started = True
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        images = len(prompt.images)
+        if prompt.messages is not None:
+            parts = []
+            for m in prompt.messages:
+                content = m.get("content") or ""
+                if isinstance(content, list):
+                    images += sum(1 for part in content if part.get("type") == "image_url")
+                    content = " ".join(part["text"] for part in content if part.get("type") == "text")
+                parts.append(f"<|{m['role']}|>{content}\n")
+            text = "".join(parts) + "<|assistant|>"
+        elif prompt.token_ids is not None:
+            text = " ".join(f"t{token}" for token in prompt.token_ids)
+        else:
+            text = prompt.text or ""
+        if images and self.image_tokens is None:
+            raise InvalidImage(f"model {self.config.model_id} takes no images")
+        tokens = len(text.split()) + images * (self.image_tokens or 0)
+        return RenderedPrompt(text=text, prompt_tokens=tokens, images=images, payload=prompt)
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(prompt.split())
+    @staticmethod
+    def tool_to_call(prompt: PromptInput) -> str | None:
+        """The tool the fake calls: the named one, the first for required, for auto one whose name
+        the last message mentions; none for tool_choice none."""
+        if not prompt.tools or prompt.tool_choice == "none":
+            return None
+        names = [tool["function"]["name"] for tool in prompt.tools]
+        if isinstance(prompt.tool_choice, dict):
+            return str(prompt.tool_choice["function"]["name"])
+        if prompt.tool_choice == "required":
+            return names[0]
+        last = str((prompt.messages or [{}])[-1].get("content") or "")
+        return next((name for name in names if name in last), None)
+
+    async def _tool_call(self, request: GenerationRequest, name: str) -> AsyncIterator[GenerationDelta]:
+        """One call per choice: id and name first, then the arguments in two pieces."""
+        named = isinstance(request.prompt.payload.tool_choice, dict)
+        pieces = [ToolCallDelta(0, id=f"call_{name}_0", name=name), ToolCallDelta(0, arguments='{"query": '),
+                  ToolCallDelta(0, arguments='"fake"}')]
+        for index in range(request.sampling.n):
+            for position, piece in enumerate(pieces, start=1):
+                await asyncio.sleep(self.token_delay)
+                last = position == len(pieces)
+                yield GenerationDelta(
+                    index=index, text="", completion_tokens=position, prompt_tokens=request.prompt.prompt_tokens,
+                    finish_reason=("stop" if named else "tool_calls") if last else None, tool_calls=(piece,),
+                )
 
     def answer(self, prompt: str) -> str:
         """The text a prompt gets: deterministic, and 'Paris' for the capital question."""
@@ -67,11 +124,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
         sampling = request.sampling
-        prompt_tokens = self.count_tokens(request.prompt)
+        prompt_tokens = request.prompt.prompt_tokens
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
-        text = self.answer(request.prompt)
+        self.request_ids.append(request.request_id)
+        prompt = request.prompt.payload
+        tool = self.tool_to_call(prompt) if isinstance(prompt, PromptInput) else None
+        if tool is not None:
+            async for delta in self._tool_call(request, tool):
+                yield delta
+            return
+        text = self.answer(request.prompt.text)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")
@@ -124,9 +188,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        self._on_dead = callback
+
     async def shutdown(self) -> None:
         self.shutdowns += 1
+        self._on_dead = None
+        await asyncio.sleep(self.shutdown_delay)
         self.started = False
 
     def kill(self) -> None:
+        """Die now, and signal it (on the next turn of the loop, like vLLM's output handler)."""
         self.dead = True
+        callback, self._on_dead = self._on_dead, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback, EngineDead("fake engine was killed"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llm_service.settings import DEMO_MODEL_DIR
+from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
 
@@ -130,15 +130,15 @@ class ServiceProcess:
         self.process = None
 
 
-def demo_model_path() -> str:
-    path = (ROOT / DEMO_MODEL_DIR).resolve()
+def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> str:
+    path = (ROOT / folder).resolve()
     if not (path / "config.json").exists():
-        pytest.fail(f"demo model missing at {path}: run `python -m llm_service.demo_model` (make setup)")
+        pytest.fail(f"demo model missing at {path}: run `python -m llm_service.demo_model --multimodal` (make setup)")
     return str(path)
 
 
 def base_env(**overrides: str) -> dict[str, str]:
-    """Settings every e2e service shares: the demo model in every slot, on the CPU."""
+    """Settings every e2e service shares: the demo models (as `make serve` has them), on the CPU."""
     model = demo_model_path()
     env = {
         "APP_ENV": "test",
@@ -146,7 +146,7 @@ def base_env(**overrides: str) -> dict[str, str]:
         "LLM_DEVICE": "cpu",
         "LLM_MODEL_STANDARD": model,
         "LLM_MODEL_LONGCTX": model,
-        "LLM_MODEL_MULTIMODAL": model,
+        "LLM_MODEL_MULTIMODAL": demo_model_path(DEMO_MULTIMODAL_DIR),
         "LLM_MAX_MODEL_LEN_STANDARD": "2048",
         "LLM_MAX_MODEL_LEN_LONGCTX": "4096",
         "LLM_MAX_MODEL_LEN_MULTIMODAL": "1024",

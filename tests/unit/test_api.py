@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -161,7 +162,8 @@ async def test_engine_death_mid_stream_ends_with_an_error_event():
 
 
 async def test_preloading_service_is_live_but_not_ready():
-    factory = FakeFactory(start_delay=0.5)
+    gate = asyncio.Event()
+    factory = FakeFactory(start_gate=gate)
     app = create_app(fake_settings(), EngineBackend(factory, "cpu", 8 * GIB))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -169,5 +171,6 @@ async def test_preloading_service_is_live_but_not_ready():
             r = await client.get("/health/ready")
             assert r.status_code == 503 and r.json()["reason"] == "preloading models"
             assert (await client.get("/health")).json()["status"] == "degraded"
+            gate.set()
             await app.state.resources.registry.wait_preloaded()
             assert (await client.get("/health/ready")).status_code == 200

@@ -1,15 +1,14 @@
-"""The Engine protocol on vLLM's AsyncLLM: the only module of the service that imports vllm."""
+"""The Engine protocol on vLLM's AsyncLLM: lifecycle, generation and output of one engine."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import structlog
 import torch
@@ -18,7 +17,6 @@ from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
-from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
 from vllm.utils.cpu_resource_utils import get_memory_node_info
@@ -31,10 +29,15 @@ from llm_service.engines.base import (
     EngineError,
     GenerationDelta,
     GenerationRequest,
+    PromptInput,
     PromptTooLong,
+    RenderedPrompt,
     SamplingOptions,
     TokenLogprob,
+    ToolCallDelta,
 )
+from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
+from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +73,10 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._llm: AsyncLLM | None = None
+        self._renderer: PromptRenderer | None = None
         self._build: asyncio.Future[None] | None = None
         self._closed = False
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     def engine_args(self) -> AsyncEngineArgs:
         """The vLLM engine arguments this engine starts with."""
@@ -90,6 +95,9 @@ class VLLMEngine:
             # our own per-model metrics, and with stats off vLLM registers no collectors at all.
             "disable_log_stats": True,
             "enable_log_requests": False,
+            # Ignored by text-only models; on a GPU it also bounds the memory profiled for images.
+            "limit_mm_per_prompt": {"image": cfg.images.max_images},
+            **media_engine_args(cfg),
         }
         args.update(cfg.extra_args)
         return AsyncEngineArgs(**args)
@@ -118,6 +126,8 @@ class VLLMEngine:
         if self._llm is not None or self._build is not None or self._closed:
             raise RuntimeError(f"engine {self.config.slot} already started or shut down")
         self._check_device()
+        # Read by vLLM's media connector, which runs in this process; the same for every slot.
+        os.environ.update(media_env(self.config))
         build = self._build = asyncio.ensure_future(self._build_and_register())
         try:
             # The build thread cannot be interrupted; shielded, it runs on after a cancelled start
@@ -142,12 +152,15 @@ class VLLMEngine:
                 await asyncio.to_thread(llm.shutdown)
                 multiprocessing.active_children()
                 raise EngineError(f"engine {self.config.slot} was shut down while starting")
+            self._renderer = PromptRenderer(llm, self.config)
             self._llm = llm
         finally:
             self._build = None
         # Built off the loop, AsyncLLM defers its output tasks to the first request; start them now
         # so an engine-core failure before any request is still noticed.
         llm._run_output_handler()
+        if llm.output_handler is not None:
+            llm.output_handler.add_done_callback(self._output_handler_ended)
         log.info(
             "vllm_engine.started",
             slot=self.config.slot,
@@ -164,54 +177,30 @@ class VLLMEngine:
     def _tokenizer(self) -> TokenizerLike:
         return self._engine().get_tokenizer()
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """Render messages with the model's chat template, generation prompt added."""
-        tokenizer = self._tokenizer()
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.config.model_id} has no chat template; use a completion prompt")
-        try:
-            return str(
-                tokenizer.apply_chat_template(
-                    cast(list[Any], messages), tokenize=False, add_generation_prompt=True
-                )
-            )
-        except Exception as exc:  # jinja raises its own errors for messages a template rejects
-            raise ValueError(f"chat template rejected the messages: {exc}") from exc
-
-    def _add_special_tokens(self, prompt: str) -> bool:
-        # vLLM adds special tokens (BOS) to text prompts; a chat-rendered prompt already starts
-        # with BOS, and a second one degrades output (vLLM's chat path skips them too).
-        bos = getattr(self._tokenizer(), "bos_token", None)
-        return not (bos and prompt.startswith(bos))
-
-    def count_tokens(self, prompt: str) -> int:
-        """Tokens the prompt encodes to, counted as generate() tokenizes it."""
-        encoded = self._tokenizer()(prompt, add_special_tokens=self._add_special_tokens(prompt))
-        return len(encoded["input_ids"])
+    async def render(self, prompt: PromptInput) -> RenderedPrompt:
+        """Render and tokenize with vLLM's renderer (see render.py); ValueError for a bad prompt."""
+        self._engine()
+        assert self._renderer is not None
+        return await self._renderer.render(prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas per choice; closing the iterator aborts the request in vLLM."""
         llm = self._engine()
+        prompt = request.prompt.payload
+        if not isinstance(prompt, VLLMPrompt):
+            raise ValueError("the prompt was not rendered by this engine")
         try:
-            params = _sampling_params(request.sampling)
-            tok_params = dataclasses.replace(
-                llm.renderer.default_cmpl_tok_params,
-                add_special_tokens=self._add_special_tokens(request.prompt),
-            )
-            # vLLM's non-deprecated input path (raw strings to generate() warn); it also rejects a
-            # prompt longer than max_model_len.
-            (engine_input,) = await llm.renderer.render_cmpl_async(
-                [parse_model_prompt(llm.model_config, request.prompt)], tok_params
-            )
+            params = _sampling_params(request.sampling, prompt.structured_outputs)
         except VLLMClientError as exc:
             raise ValueError(str(exc)) from exc
-        prompt_len = len(engine_input["prompt_token_ids"])
+        prompt_len = request.prompt.prompt_tokens
         if prompt_len + request.sampling.max_tokens > llm.model_config.max_model_len:
             # vLLM 0.32 would silently cut the generation at max_model_len instead.
             raise PromptTooLong(prompt_len, request.sampling.max_tokens, llm.model_config.max_model_len)
         completion_tokens = [0] * request.sampling.n
         want_logprobs = request.sampling.logprobs is not None
-        stream = llm.generate(engine_input, params, request.request_id)
+        readers: dict[int, ToolCallReader] = {}
+        stream = llm.generate(prompt.engine_input, params, request.request_id)
         try:
             async for output in stream:
                 prompt_tokens = len(output.prompt_token_ids or ())
@@ -222,13 +211,26 @@ class VLLMEngine:
                     finish = _FINISH_REASONS.get(choice.finish_reason) if choice.finish_reason else None
                     if not choice.text and not choice.token_ids and finish is None:
                         continue
+                    text, calls = choice.text, tuple[ToolCallDelta, ...]()
+                    if prompt.reads_tool_calls():
+                        reader = readers.get(choice.index)
+                        if reader is None:
+                            reader = readers[choice.index] = ToolCallReader(
+                                prompt, self._tokenizer(), llm.model_config, list(output.prompt_token_ids or ())
+                            )
+                        text, calls = reader.read(choice.text, list(choice.token_ids), finish is not None)
+                        # As OpenAI: a call the model chose (auto, required) ends with "tool_calls",
+                        # a named one with "stop".
+                        if finish == "stop" and reader.called and not prompt.named_tool_choice:
+                            finish = "tool_calls"
                     yield GenerationDelta(
                         index=choice.index,
-                        text=choice.text,
+                        text=text,
                         completion_tokens=completion_tokens[choice.index],
                         prompt_tokens=prompt_tokens,
                         finish_reason=finish,
                         logprobs=self._logprobs(choice, request.sampling.logprobs) if want_logprobs else (),
+                        tool_calls=calls,
                     )
         except EngineDeadError as exc:
             raise EngineDead(f"engine {self.config.slot} died: {exc}") from exc
@@ -286,6 +288,23 @@ class VLLMEngine:
         except EngineDeadError as exc:
             raise EngineDead(f"engine {self.config.slot} is dead") from exc
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        """Call `callback` when the engine core dies on its own (see _output_handler_ended)."""
+        self._on_dead = callback
+        handler = self._llm.output_handler if self._llm is not None else None
+        if handler is not None and handler.done():
+            self._output_handler_ended(handler)
+
+    def _output_handler_ended(self, _task: asyncio.Task[Any]) -> None:
+        # vLLM's engine-dead signal: when the engine core process exits, its monitor thread marks the
+        # client dead and closes the sockets; AsyncLLM's output handler then fails every running
+        # request with EngineDeadError and ends. It ends otherwise only at shutdown.
+        callback, self._on_dead = self._on_dead, None
+        if callback is None or self._closed:
+            return
+        log.error("vllm_engine.dead", slot=self.config.slot)
+        callback(EngineDead(f"engine {self.config.slot} died: its engine core process exited"))
+
     async def shutdown(self) -> None:
         """End the engine core processes and free their memory; idempotent."""
         self._closed = True
@@ -293,6 +312,7 @@ class VLLMEngine:
             # A start in progress stops what it builds once it sees _closed; wait for that.
             await asyncio.wait({self._build})
         llm, self._llm = self._llm, None
+        self._renderer = None
         if llm is None:
             return
         started = time.monotonic()
@@ -304,9 +324,22 @@ class VLLMEngine:
         log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
 
 
-def _sampling_params(options: SamplingOptions) -> SamplingParams:
-    structured: StructuredOutputsParams | None = None
-    if options.json_schema is not None:
+def free_memory_bytes(device: str) -> int | None:
+    """Memory a new engine on `device` could take now: what vLLM's start-up check compares
+    `gpu_memory_utilization` x total with. None if unknown."""
+    if device == "cuda":
+        # GPU-only: device-wide free memory (cudaMemGetInfo), other processes' engines included.
+        return int(torch.cuda.mem_get_info()[0]) if gpu_available() else None
+    if device == "cpu":
+        # vLLM's CPU worker compares with NUMA node 0's available memory (cgroup-clamped).
+        return int(get_memory_node_info(0).available_memory)
+    return None
+
+
+def _sampling_params(options: SamplingOptions, forced: StructuredOutputsParams | None = None) -> SamplingParams:
+    """vLLM's sampling parameters; `forced` is the structured output of a required or named tool call."""
+    structured: StructuredOutputsParams | None = forced
+    if structured is None and options.json_schema is not None:
         structured = (
             StructuredOutputsParams(json=options.json_schema)
             if options.json_schema
@@ -323,6 +356,7 @@ def _sampling_params(options: SamplingOptions) -> SamplingParams:
         presence_penalty=options.presence_penalty,
         frequency_penalty=options.frequency_penalty,
         logprobs=options.logprobs,
+        logit_bias=options.logit_bias,
         structured_outputs=structured,
         ignore_eos=options.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
