@@ -36,18 +36,25 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     from llm_service.cache import CachedChoice, CachedResponse, CachePolicy
     from llm_service.cache_control import CacheControl
     from llm_service.engines.base import SamplingOptions
-    from llm_service.settings import LLMSettings
+    from llm_service.frontend_config import with_frontend
+    from llm_service.generation import cache_key_extra
+    from llm_service.settings import load_settings
     from llm_service.slot_config import build_slot_configs
 
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        llm = LLMSettings()
+        settings = load_settings()
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    config = next(c for c, _ in build_slot_configs(llm, "cpu", None) if c.slot == "standard")
-    plan = CachePolicy(llm).plan(CacheControl(), SamplingOptions(max_tokens=16, temperature=0.0), PROMPT, None, config)
+    # The slot's configuration as the service builds it (chat template and tool parser are key material).
+    slots = with_frontend(build_slot_configs(settings.llm, "cpu", None), settings)
+    config = next(c for c, _ in slots if c.slot == "standard")
+    sampling = SamplingOptions(max_tokens=16, temperature=0.0)
+    plan = CachePolicy(settings.llm).plan(
+        CacheControl(), sampling, PROMPT, None, config, extra=cache_key_extra(config.chat)
+    )
     assert plan is not None
     text = "Apples, bananas and cherries are three fruits that many people like."
     entry = CachedResponse(config.model_id, PROMPT, 5, (CachedChoice(0, text, "stop", 16),), time.time())
