@@ -67,6 +67,25 @@ class EngineFailure(ServiceError):
     error_type = "engine_error"
 
 
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's timeout passed; its engine request was aborted."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
+class ShuttingDown(ServiceError):
+    """The process is draining before it exits; other replicas take new requests."""
+
+    status_code = 503
+    error_type = "shutting_down"
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
     """Translate any exception into the ServiceError the client sees."""
     if isinstance(exc, ServiceError):
@@ -103,8 +122,13 @@ def render_openai_error(error: ServiceError) -> dict[str, Any]:
     }
 
 
+def renderer_for_path(path: str) -> ErrorRenderer:
+    """The envelope of the surface `path` belongs to."""
+    return render_openai_error if path.startswith("/v1/") else render_error
+
+
 def _renderer_for(request: Request) -> ErrorRenderer:
-    return render_openai_error if request.url.path.startswith("/v1/") else render_error
+    return renderer_for_path(request.url.path)
 
 
 def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) -> JSONResponse:
@@ -116,7 +140,29 @@ def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) 
     return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
 
 
+def _json_error(exc: RequestValidationError) -> str | None:
+    """'body is not valid JSON: <why> at line L column C' for a body that does not parse, else None."""
+    for err in exc.errors():
+        if err.get("type") != "json_invalid":
+            continue
+        loc = err.get("loc", ())
+        position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+        body = exc.body if isinstance(exc.body, str) else None
+        if position is None or body is None:
+            return f"body is not valid JSON: {reason}"
+        line = body.count("\n", 0, position) + 1
+        column = position - (body.rfind("\n", 0, position) + 1) + 1
+        return f"body is not valid JSON: {reason} at line {line} column {column} (character {position})"
+    return None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    json_error = _json_error(exc)
+    if json_error is not None:
+        return json_error, "body"
+    if any(err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
+        return "request body is missing: send a JSON object", "body"
     parts = []
     first_param = None
     for err in exc.errors():
@@ -146,7 +192,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = ServiceError(str(exc.detail))
         error.status_code = exc.status_code
         error.error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(error, _renderer_for(request))
+        response = error_response(error, _renderer_for(request))
+        response.headers.update(exc.headers or {})  # e.g. Allow of a 405
+        return response
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
+from llm_service.admission import AdmissionController
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
@@ -22,12 +24,14 @@ from llm_service.engines.base import (
     SamplingOptions,
     TokenLogprob,
 )
-from llm_service.errors import InvalidRequest, ServiceError, to_service_error
+from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class GenerationSpec:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     cache: CacheControl = field(default_factory=CacheControl)
+    deadline: float | None = None  # event-loop time the request must end by (None: no deadline)
 
 
 @dataclass
@@ -103,8 +108,10 @@ class GenerationStream:
         result: GenerationResult,
         trace: Trace = NO_TRACE,
         counts_request: bool = True,
+        deadline: float | None = None,
     ) -> None:
         self.result = result
+        self.deadline = deadline
         self.trace = trace
         self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
         self.ran_engine = False
@@ -118,8 +125,8 @@ class GenerationStream:
         self._outcome = "cancelled"
         self._closed = False
 
-    async def enter(self, context: contextlib.AbstractAsyncContextManager[Engine]) -> Engine:
-        """Hold `context` (the slot) until the stream closes."""
+    async def enter(self, context: contextlib.AbstractAsyncContextManager[T]) -> T:
+        """Hold `context` (the slot, the admission) until the stream closes."""
         return await self._stack.enter_async_context(context)
 
     async def start(self, engine: Engine, request: GenerationRequest) -> None:
@@ -142,10 +149,16 @@ class GenerationStream:
                 first, self._first = self._first, None
                 self._record(first)
                 yield first
-            if self._deltas is not None:
-                async for delta in self._deltas:
-                    self._record(delta)
-                    yield delta
+            while self._deltas is not None:
+                try:
+                    async with asyncio.timeout_at(self.deadline):
+                        delta = await anext(self._deltas, None)
+                except TimeoutError as exc:
+                    raise self._service.deadline_passed(self.result.slot) from exc
+                if delta is None:
+                    break
+                self._record(delta)
+                yield delta
             self._outcome = "success"
         except Exception as exc:
             error = to_service_error(exc)
@@ -208,8 +221,10 @@ class GenerationService:
         default_max_tokens: int,
         coalescer: Coalescer | None = None,
         tracer: Tracer | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.registry = registry
+        self.admission = admission  # None: no admission bounds
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
         self.coalescer = coalescer  # None: no response cache, no coalescing
@@ -219,9 +234,23 @@ class GenerationService:
         """Acquire the slot, render and check the prompt, start the engine, await the first delta.
 
         Raises ServiceError subclasses: ModelNotFound, ModelUnavailable, InvalidRequest,
-        EngineFailure.
+        Overloaded, DeadlineExceeded, EngineFailure.
         """
         slot = self.registry.find(spec.slot)
+        try:
+            # The deadline covers everything up to the first delta, waiting for a load included.
+            async with asyncio.timeout_at(spec.deadline):
+                return await self._open(spec, slot.name)
+        except TimeoutError as exc:
+            raise self.deadline_passed(slot.name) from exc
+
+    def deadline_passed(self, slot: str) -> DeadlineExceeded:
+        """The error of a request past its deadline (its engine request is aborted by then)."""
+        self.metrics.requests_timed_out.labels(model=slot).inc()
+        return DeadlineExceeded("the request took longer than its timeout; it was stopped")
+
+    async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
+        slot = self.registry.slot(slot_name)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(
             request_id=spec.request_id,
@@ -231,7 +260,7 @@ class GenerationService:
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace)
+        stream = GenerationStream(self, result, trace, deadline=spec.deadline)
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
@@ -262,8 +291,14 @@ class GenerationService:
         result.prompt = served.prompt
 
     async def _start(self, stream: GenerationStream, spec: GenerationSpec) -> None:
-        """Acquire the slot, render and check the prompt, start the engine."""
-        engine = await stream.enter(self.registry.acquire(stream.result.slot))
+        """Admit the request, acquire the slot, render and check the prompt, start the engine."""
+        slot = stream.result.slot
+        admission = None
+        if self.admission is not None:  # refused at once (429) past the slot's or the service's bound
+            admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
+        engine = await stream.enter(self.registry.acquire(slot))
+        if admission is not None:
+            admission.start_running(engine.capacity())
         stream.result.prompt = self._prompt(engine, spec)
         sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
         await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llm_service.engines.base import (
+    EngineCapacity,
     EngineConfig,
     EngineDead,
     GenerationDelta,
@@ -20,7 +21,8 @@ from llm_service.engines.base import (
 class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
-    `start_delay` and `token_delay` stretch time so tests can overlap requests;
+    `start_delay` and `token_delay` stretch time so tests can overlap requests; `max_num_seqs`
+    and `kv_cache_tokens` are the capacity it reports;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
     dead engine.
     """
@@ -33,6 +35,8 @@ class FakeEngine:
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
+        max_num_seqs: int = 8,
+        kv_cache_tokens: int = 65536,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
@@ -44,6 +48,9 @@ class FakeEngine:
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_tokens = kv_cache_tokens
+        self.running: set[str] = set()
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
@@ -75,6 +82,7 @@ class FakeEngine:
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")
+        self.running.add(request.request_id)
         try:
             for index in range(sampling.n):
                 emitted = 0
@@ -112,9 +120,17 @@ class FakeEngine:
         except (GeneratorExit, asyncio.CancelledError):
             self.aborted.append(request.request_id)
             raise
+        finally:
+            self.running.discard(request.request_id)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(self.max_num_seqs, self.kv_cache_tokens, self.config.max_model_len)
+
+    def num_requests(self) -> int:
+        return len(self.running)
 
     async def check_health(self) -> None:
         if self.dead:
