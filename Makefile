@@ -33,13 +33,10 @@ redis:
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
 
-# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote).
+# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote),
+# and stops it again when the service exits.
 serve: setup
-	@case "$${REDIS_HOST:-localhost}" in localhost|127.0.0.1) \
-	  redis-cli -p $${REDIS_PORT:-6379} ping >/dev/null 2>&1 || \
-	  redis-server --port $${REDIS_PORT:-6379} --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null;; \
-	esac
-	$(BIN)/python -m llm_service
+	scripts/serve.sh $(BIN)/python
 
 test: setup
 	$(BIN)/python -m pytest

@@ -42,6 +42,7 @@ async def health(resources: ResourcesDep) -> JSONResponse:
         "uptime_seconds": round(time.time() - resources.started_at, 1),
         "ready": registry.is_ready(),
         "memory": {"budget": registry.budget, "used": round(registry.used_share(), 4)},
+        "admission": resources.generation.admission.snapshot() if resources.generation.admission else {},
         "dependencies": {"models": registry.snapshot(), **services},
     }
     return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)
