@@ -156,3 +156,9 @@ async def test_timeouts_out_of_bounds_are_400(header, body):
 def test_default_timeout_may_not_exceed_the_maximum():
     with pytest.raises(ValueError, match="LLM_REQUEST_TIMEOUT_SECONDS"):
         LLMSettings(request_timeout_seconds=100, max_request_timeout_seconds=50)
+
+
+async def test_cache_lifetime_is_bounded():
+    async with app_client() as (client, _):
+        r = await client.post("/generate", json={"prompt": "hi", "cache": {"ttl": 10**12}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache.ttl"
