@@ -14,7 +14,7 @@ from tests.fuzz_checks import envelope_check
 
 from .conftest import ServiceProcess
 
-EXAMPLES = 12
+EXAMPLES = 8
 # Every fuzzed request ends within this (504 otherwise), so long generations do not stretch the run.
 TIMEOUT_SECONDS = "3"
 cases: Counter[str] = Counter()
