@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from llm_service.engines.base import EngineCapacity
@@ -89,22 +89,36 @@ class _SlotCounts:
     holding: int = 0  # holding the engine: running, or queued inside it beyond its batch
     capacity: EngineCapacity | None = None
 
-    def load(self) -> SlotLoad:
-        return SlotLoad(self.waiting + self.holding, self.capacity.batch if self.capacity else None)
 
 
 class AdmissionController:
     """Counts admitted requests per slot, refuses past the policy's bounds, and publishes the counts."""
 
-    def __init__(self, slots: list[str], policy: AdmissionPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        slots: list[str],
+        policy: AdmissionPolicy,
+        metrics: Metrics,
+        loaded_capacity: Callable[[str], EngineCapacity | None] = lambda slot: None,
+    ) -> None:
         self.policy = policy
         self._metrics = metrics
+        # The capacity of the slot's engine while it is loaded (None otherwise); the last one seen
+        # stands in while the slot is unloaded or reloading.
+        self._loaded_capacity = loaded_capacity
         self._slots = {name: _SlotCounts() for name in slots}
         for name in slots:
             self._publish(name)
 
     def loads(self) -> dict[str, SlotLoad]:
-        return {name: counts.load() for name, counts in self._slots.items()}
+        return {name: self._load(name, counts) for name, counts in self._slots.items()}
+
+    def _load(self, slot: str, counts: _SlotCounts) -> SlotLoad:
+        capacity = self._loaded_capacity(slot)
+        if capacity is not None:
+            counts.capacity = capacity
+        batch = counts.capacity.batch if counts.capacity else None
+        return SlotLoad(counts.waiting + counts.holding, batch)
 
     def snapshot(self) -> dict[str, dict[str, int | None]]:
         """Per slot: waiting, running, bound (for /health and tests)."""

@@ -19,12 +19,13 @@ from llm_service.api_keys import ApiKeys
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
 from llm_service.drain import Drain
+from llm_service.engines.base import EngineCapacity
 from llm_service.errors import install_error_handlers
 from llm_service.generation import GenerationService
 from llm_service.guard import RequestGuard
 from llm_service.logging import RequestIdMiddleware
 from llm_service.metrics import Metrics
-from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy
+from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState
 from llm_service.settings import Settings
 from llm_service.slot_config import build_slot_configs
 from llm_service.tracing import build_tracer
@@ -74,7 +75,14 @@ def build_admission(settings: Settings, registry: ModelRegistry, metrics: Metric
         per_batch=llm.pending_per_batch,
         before_load=llm.max_pending_before_load,
     )
-    return AdmissionController(registry.slot_names, AdmissionPolicy(limits), metrics)
+
+    def loaded_capacity(slot: str) -> EngineCapacity | None:
+        loaded = registry.slot(slot)
+        if loaded.state is not SlotState.LOADED or loaded.engine is None:
+            return None
+        return loaded.engine.capacity()
+
+    return AdmissionController(registry.slot_names, AdmissionPolicy(limits), metrics, loaded_capacity)
 
 
 def create_app(settings: Settings, backend: EngineBackend | None = None) -> FastAPI:

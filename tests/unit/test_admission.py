@@ -108,3 +108,11 @@ async def test_total_bound_covers_every_slot():
             client.post("/generate", json={"prompt": "a b", "model": "longctx"}),
         )
         assert sorted(r.status_code for r in responses) == [200, 200, 429]
+
+
+async def test_bound_comes_from_a_loaded_engine_before_any_request():
+    # Preloaded standard (fake batch 8): 2 x 8; longctx not loaded yet: the before-load bound.
+    async with app_client(max_pending_before_load=5) as (client, _):
+        admission = (await client.get("/health")).json()["admission"]
+        assert admission["standard"]["bound"] == 16
+        assert admission["longctx"]["bound"] == 5
