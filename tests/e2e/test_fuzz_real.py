@@ -3,46 +3,40 @@ envelope, responses as documented."""
 
 from __future__ import annotations
 
-from collections import Counter
-
-import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 
 from tests.fuzz_checks import envelope_check
 
 from .conftest import ServiceProcess
 
-EXAMPLES = 8
+EXAMPLES = 6  # per operation and mode (valid and invalid data)
 # Every fuzzed request ends within this (504 otherwise), so long generations do not stretch the run.
 TIMEOUT_SECONDS = "3"
-cases: Counter[str] = Counter()
 
 
-@pytest.fixture(scope="module")
-def real_schema(service: ServiceProcess):
-    return schemathesis.openapi.from_url(service.base_url + "/openapi.json")
+def test_fuzzed_requests_on_the_real_engine(service: ServiceProcess) -> None:
+    schema = schemathesis.openapi.from_url(service.base_url + "/openapi.json")
+    counts: dict[str, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def run(case) -> None:
+                counts[case.operation.label] = counts.get(case.operation.label, 0) + 1
+                # The shared service runs without API keys, so "a bad key gets 401" does not apply (the
+                # fake-engine run has keys); for positive_data_acceptance see tests/unit/test_fuzz.py.
+                case.call_and_validate(
+                    headers={"X-Request-Timeout": TIMEOUT_SECONDS},
+                    additional_checks=[envelope_check],
+                    excluded_checks=[positive_data_acceptance, ignored_auth],
+                    timeout=120,
+                )
 
-schema = schemathesis.pytest.from_fixture("real_schema")
-
-
-@schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-def test_fuzzed_requests_on_the_real_engine(case):
-    cases[case.operation.label] += 1
-    # The shared service runs without API keys, so the "bad key gets 401" check does not apply; the
-    # fake-engine run has keys and checks it. For positive_data_acceptance see tests/unit/test_fuzz.py.
-    case.call_and_validate(
-        headers={"X-Request-Timeout": TIMEOUT_SECONDS},
-        additional_checks=[envelope_check],
-        excluded_checks=[positive_data_acceptance, ignored_auth],
-        timeout=120,
-    )
-
-
-def test_real_fuzz_case_count():
-    if not cases:
-        pytest.skip("run together with test_fuzzed_requests_on_the_real_engine")
-    print(f"\nfuzzed {sum(cases.values())} cases on the real engine: {dict(cases)}")
+            run()
+    print(f"\nfuzzed {sum(counts.values())} cases on the real engine: {counts}")
+    assert sum(counts.values()) >= 50

@@ -14,6 +14,14 @@ from tests.metrics_text import metric
 from .conftest import ServiceProcess
 
 
+# Greedy counting goes on to max_tokens (a story may end early); the cache is bypassed so the
+# engine really runs each request.
+def long_request(start: int, **extra: object) -> dict[str, object]:
+    numbers = ", ".join(str(n) for n in range(start, start + 8))
+    return {"prompt": f"Count: {numbers},", "max_tokens": 1000, "temperature": 0,
+            "cache": {"use_cache": False}, **extra}
+
+
 def engine_requests(client: httpx.Client) -> float:
     """The standard engine's own count of the requests it holds (vLLM's output processor)."""
     return metric(client.get("/metrics").text, "llm_engine_requests", model="standard")
@@ -66,7 +74,7 @@ def test_ten_times_the_engine_batch_is_refused_in_part(client: httpx.Client, ser
 
 
 def test_streamed_client_that_leaves_aborts_the_engine_request(client: httpx.Client, service: ServiceProcess) -> None:
-    payload = {"prompt": "Write a long story about a dragon.", "max_tokens": 1000, "stream": True}
+    payload = long_request(1, stream=True)
     with httpx.Client(base_url=service.base_url, timeout=120) as http, http.stream(
         "POST", "/generate", json=payload
     ) as r:
@@ -82,7 +90,7 @@ def test_streamed_client_that_leaves_aborts_the_engine_request(client: httpx.Cli
 
 def test_plain_client_that_leaves_aborts_the_engine_request(client: httpx.Client, service: ServiceProcess) -> None:
     # 1000 tokens take about a minute here; the client gives up after a second and closes its socket.
-    body = json.dumps({"prompt": "Write a long story about a knight.", "max_tokens": 1000}).encode()
+    body = json.dumps(long_request(11)).encode()
     with socket.create_connection(("127.0.0.1", service.port)) as sock:
         sock.sendall(
             b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -97,16 +105,13 @@ def test_plain_client_that_leaves_aborts_the_engine_request(client: httpx.Client
 
 
 def test_deadline_aborts_the_engine_request(client: httpx.Client) -> None:
-    r = client.post(
-        "/generate", json={"prompt": "Tell me everything about France.", "max_tokens": 1000},
-        headers={"X-Request-Timeout": "2"},
-    )
+    r = client.post("/generate", json=long_request(21), headers={"X-Request-Timeout": "2"})
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
     wait_engine_idle(client)
     r = client.post(
-        "/v1/chat/completions",
-        json={"model": "standard", "messages": [{"role": "user", "content": "Tell me about Paris."}],
-              "max_tokens": 1000, "stream": True, "timeout": 2},
+        "/v1/completions",
+        json={"model": "standard", "prompt": long_request(31)["prompt"], "max_tokens": 1000, "temperature": 0,
+              "stream": True, "timeout": 2, "cache": {"use_cache": False}},
     )
     chunks = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["error"]["code"] == "timeout"
