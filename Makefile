@@ -24,17 +24,18 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# redis-server for the cache; jq, which the docs' examples (run by the tests) pipe into.
 redis:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@command -v redis-server >/dev/null && command -v jq >/dev/null || { \
+	  echo "installing redis-server and jq"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server jq >/dev/null; }
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
 
-# Starts a local redis-server for the response cache unless one answers (or REDIS_HOST is remote),
-# and stops it again when the service exits.
+# With the cache on, runs a local redis-server for as long as the service runs, unless one answers
+# (or REDIS_HOST is remote): scripts/serve.sh.
 serve: setup
 	scripts/serve.sh $(BIN)/python
 

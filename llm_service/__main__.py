@@ -13,7 +13,14 @@ from llm_service.settings import SettingsError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_service", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from llm_service.sizing.cli import main as plan
+
+        return plan(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_service", description=__doc__, epilog="`python -m llm_service plan --help`: sizing."
+    )
     parser.add_argument("--host", help="bind address (default APP_HOST or 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default APP_PORT or 8002)")
     args = parser.parse_args(argv)

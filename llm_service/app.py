@@ -26,6 +26,8 @@ from llm_service.guard import RequestGuard
 from llm_service.logging import RequestIdMiddleware
 from llm_service.metrics import Metrics
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState
+from llm_service.registry.memory import DeviceMemory, FreeMemory
+from llm_service.request_metrics import RequestAccounting, generation_paths
 from llm_service.settings import Settings
 from llm_service.slot_config import build_slot_configs
 from llm_service.tracing import build_tracer
@@ -40,6 +42,7 @@ class EngineBackend:
     factory: EngineFactory
     device: str
     device_memory: int | None
+    free_memory: FreeMemory | None = None  # what a new engine could take now; None: not measured
 
 
 def vllm_backend(device_setting: str) -> EngineBackend:
@@ -49,7 +52,12 @@ def vllm_backend(device_setting: str) -> EngineBackend:
     device = device_setting
     if device == "auto":
         device = "cuda" if vllm_engines.gpu_available() else "cpu"
-    return EngineBackend(vllm_engines.VLLMEngine, device, vllm_engines.device_memory_bytes(device))
+    return EngineBackend(
+        vllm_engines.VLLMEngine,
+        device,
+        vllm_engines.device_memory_bytes(device),
+        lambda: vllm_engines.free_memory_bytes(device),
+    )
 
 
 def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics) -> ModelRegistry:
@@ -58,13 +66,20 @@ def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics)
         load_wait=llm.load_wait_seconds,
         eviction_wait=llm.eviction_wait_seconds,
         retry_backoff=llm.load_retry_seconds,
+        retry_backoff_max=llm.load_retry_max_seconds,
         idle_unload=llm.idle_unload_seconds,
+        min_residency=llm.min_residency_seconds,
+        swap_fairness=llm.swap_fairness_seconds,
+        memory_wait=llm.memory_wait_seconds,
     )
     slots = build_slot_configs(llm, backend.device, backend.device_memory)
     if not llm.load_on_startup:
         # Nothing is preloaded, so nothing is pinned against idle unloading either.
         slots = [(config, False) for config, _ in slots]
-    return ModelRegistry(slots, llm.gpu_memory_utilization, backend.factory, metrics, policy)
+    memory = None
+    if backend.free_memory is not None and backend.device_memory:
+        memory = DeviceMemory(backend.device_memory, backend.free_memory)
+    return ModelRegistry(slots, llm.gpu_memory_utilization, backend.factory, metrics, policy, memory=memory)
 
 
 def build_admission(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> AdmissionController:
@@ -144,6 +159,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.app.max_body_bytes, drain=drain)
+    app.add_middleware(RequestAccounting, paths=generation_paths([generate.router, openai.router]))
     app.add_middleware(RequestIdMiddleware)
     app.include_router(generate.router, dependencies=[ApiKeyDep])
     app.include_router(health.router)

@@ -235,10 +235,11 @@ class CachedResponse:
 class ResponseCache(Protocol):
     """Where finished responses live. Never raises: a failure is a miss or a lost write."""
 
-    async def get(self, key: str) -> CachedResponse | None:
-        """The entry under `key`, or None (absent, unreadable, or the store is unavailable)."""
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
+        """The entry under `key`, or None (absent, unreadable, or the store is unavailable).
+        `model` (the slot) labels the error metrics."""
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         """Store `entry` for `ttl` seconds; False when it was not stored."""
 
     async def health(self) -> dict[str, Any]:
@@ -251,10 +252,10 @@ class ResponseCache(Protocol):
 class NoCache:
     """The cache when LLM_CACHE_ENABLED=false: nothing is read or stored."""
 
-    async def get(self, key: str) -> CachedResponse | None:
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
         return None
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         return False
 
     async def health(self) -> dict[str, Any]:
@@ -345,23 +346,23 @@ class RedisCache:
             client_name="llm-service",
         )
 
-    async def get(self, key: str) -> CachedResponse | None:
-        data = await self._call("get", lambda: self._client.get(key))
+    async def get(self, key: str, model: str = "") -> CachedResponse | None:
+        data = await self._call("get", lambda: self._client.get(key), model)
         if data is None:
             return None
         try:
             return CachedResponse.decode(data.encode() if isinstance(data, str) else data)
         except ValueError as exc:
-            self._metrics.cache_errors.labels(operation="decode").inc()
+            self._metrics.cache_errors.labels(model=model, operation="decode").inc()
             log.warning("cache_entry_unreadable", key=key, error=str(exc))
             return None
 
-    async def set(self, key: str, entry: CachedResponse, ttl: int) -> bool:
+    async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         data = entry.encode()
         if len(data) > self.max_entry_bytes:
             log.info("cache_entry_too_large", bytes=len(data), limit=self.max_entry_bytes)
             return False
-        return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl)))
+        return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl), model))
 
     async def health(self) -> dict[str, Any]:
         pong = await self._call("ping", self._client.ping)
@@ -378,7 +379,7 @@ class RedisCache:
         except (RedisError, OSError) as exc:
             log.warning("cache_close_failed", error=str(exc))
 
-    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]], model: str = "") -> T | None:
         """Run one Redis call; None when the breaker is open or the call failed."""
         if not self._breaker.allow():
             return None
@@ -386,14 +387,14 @@ class RedisCache:
             async with asyncio.timeout(self._deadline):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(operation, exc)
+            self._failed(operation, exc, model)
             return None
         self._breaker.success()
         self._last_error = None
         return result
 
-    def _failed(self, operation: str, exc: BaseException) -> None:
-        self._metrics.cache_errors.labels(operation=operation).inc()
+    def _failed(self, operation: str, exc: BaseException, model: str) -> None:
+        self._metrics.cache_errors.labels(model=model, operation=operation).inc()
         self._last_error = f"{type(exc).__name__}: {exc}"
         opened = self._breaker.failure()
         log.warning(

@@ -12,7 +12,7 @@ import structlog
 
 from llm_service.cache import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
 from llm_service.engines.base import GenerationDelta
-from llm_service.errors import ServiceError, to_service_error
+from llm_service.errors import EngineFailure, ServiceError, to_service_error
 from llm_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -172,7 +172,7 @@ class Coalescer:
         flight = self._joinable(plan.key)
         if flight is not None:
             return self._join(flight, plan)
-        entry = await self.cache.get(plan.key)
+        entry = await self.cache.get(plan.key, model=slot)
         if entry is not None:
             self.metrics.cache_hits.labels(model=slot).inc()
             return Served(_replay(entry), "hit", entry=entry)
@@ -232,6 +232,11 @@ class Coalescer:
             except Exception as exc:
                 flight.fail(to_service_error(exc))
                 return
+            except asyncio.CancelledError:
+                # Cancelled by the service (closing), not by a reader leaving (then none is left):
+                # release the readers with an error rather than leave them waiting.
+                flight.fail(EngineFailure("the generation was stopped: the service is shutting down", retry_after=1))
+                raise
             finally:
                 if run is not None:
                     await run.aclose()  # idempotent; releases the slot if iteration never began
@@ -246,6 +251,6 @@ class Coalescer:
         if entry is None:
             return
         try:
-            await self.cache.set(flight.plan.key, entry, flight.ttl)
+            await self.cache.set(flight.plan.key, entry, flight.ttl, model=flight.slot)
         except Exception as exc:  # a ResponseCache must not raise; if one does, the request is unaffected
             log.warning("cache_store_failed", error=str(exc))

@@ -140,34 +140,36 @@ def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) 
     return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
 
 
-def _json_error(exc: RequestValidationError) -> str | None:
-    """'body is not valid JSON: <why> at line L column C' for a body that does not parse, else None."""
-    for err in exc.errors():
-        if err.get("type") != "json_invalid":
-            continue
-        loc = err.get("loc", ())
+def _body_problem(err: dict[str, Any], body: object = None) -> str | None:
+    """The message for a body that is not a JSON object at all (its errors have no field)."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "JSON decode error")
         position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
-        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
-        body = exc.body if isinstance(exc.body, str) else None
-        if position is None or body is None:
-            return f"body is not valid JSON: {reason}"
-        line = body.count("\n", 0, position) + 1
-        column = position - (body.rfind("\n", 0, position) + 1) + 1
-        return f"body is not valid JSON: {reason} at line {line} column {column} (character {position})"
+        where = ""
+        if position is not None and isinstance(body, str):
+            line = body.count("\n", 0, position) + 1
+            column = position - (body.rfind("\n", 0, position) + 1) + 1
+            where = f" at line {line} column {column} (character {position})"
+        elif position is not None:
+            where = f" (at character {position})"
+        return f"the request body is not valid JSON: {reason}{where}"
+    if loc == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object (send it with Content-Type: application/json)"
     return None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    json_error = _json_error(exc)
-    if json_error is not None:
-        return json_error, "body"
-    if any(err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
-        return "request body is missing: send a JSON object", "body"
     parts = []
     first_param = None
     for err in exc.errors():
+        problem = _body_problem(err, exc.body)
+        if problem is not None:
+            parts.append(problem)
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        # A model-level validator names its field in ctx["param"] (it has no location).
+        param = ".".join(loc) or (err.get("ctx") or {}).get("param")
         first_param = first_param or param
         parts.append(f"{param}: {err.get('msg')}" if param else str(err.get("msg")))
     return "; ".join(parts) or "invalid request", first_param

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from llm_service.engines.base import (
 from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.request_metrics import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,7 @@ class GenerationSpec:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     cache: CacheControl = field(default_factory=CacheControl)
+    record: RequestRecord = field(default_factory=RequestRecord)  # the HTTP request's, for its count
     deadline: float | None = None  # event-loop time the request must end by (None: no deadline)
 
 
@@ -69,6 +72,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
     def add(self, delta: GenerationDelta) -> None:
@@ -85,7 +89,7 @@ class GenerationResult:
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "MISS"}
+        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
@@ -107,7 +111,7 @@ class GenerationStream:
         service: GenerationService,
         result: GenerationResult,
         trace: Trace = NO_TRACE,
-        counts_request: bool = True,
+        record: RequestRecord | None = None,
         deadline: float | None = None,
     ) -> None:
         self.result = result
@@ -115,7 +119,7 @@ class GenerationStream:
         self.trace = trace
         self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
         self.ran_engine = False
-        self._counts_request = counts_request  # False for a generation shared by coalesced requests
+        self._request = record  # None for a generation shared by coalesced requests (each reader's counts)
         self._error: str | None = None
         self._service = service
         self._stack = contextlib.AsyncExitStack()
@@ -178,6 +182,8 @@ class GenerationStream:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
         self._outcome = _status_label(error)
         self._error = error.message
+        if self._request is not None:
+            self._request.failed(error.status_code)
         await self.aclose(cause)
 
     async def aclose(self, cause: BaseException | None = None) -> None:
@@ -193,7 +199,7 @@ class GenerationStream:
         finally:
             result = self.result
             result.total_time = time.perf_counter() - self._started
-            self._service.record(result, self._outcome, self.ran_engine, self._counts_request)
+            self._service.record(result, self._outcome, self.ran_engine)
             self.trace.end(
                 outputs=[c.text for c in result.choices],
                 prompt_tokens=result.prompt_tokens,
@@ -237,6 +243,7 @@ class GenerationService:
         Overloaded, DeadlineExceeded, EngineFailure.
         """
         slot = self.registry.find(spec.slot)
+        spec.record.slot = slot.name
         try:
             # The deadline covers everything up to the first delta, waiting for a load included.
             async with asyncio.timeout_at(spec.deadline):
@@ -260,7 +267,7 @@ class GenerationService:
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace, deadline=spec.deadline)
+        stream = GenerationStream(self, result, trace, spec.record, deadline=spec.deadline)
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
@@ -279,13 +286,14 @@ class GenerationService:
 
         async def open_engine() -> GenerationStream:
             shared_result = dataclasses.replace(result, choices=[], trace_id=None)
-            # The request count is each reader's; the engine's work is counted once, here.
-            shared = GenerationStream(self, shared_result, counts_request=False)
+            # The engine's work is counted once, here; each reader's request is its own.
+            shared = GenerationStream(self, shared_result)
             await self._opened(shared, self._start(shared, spec))
             return shared
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
         result.prompt = served.prompt
@@ -301,7 +309,9 @@ class GenerationService:
             admission.start_running(engine.capacity())
         stream.result.prompt = self._prompt(engine, spec)
         sampling = self._bounded(engine, stream.result.prompt, spec.sampling)
-        await stream.start(engine, GenerationRequest(spec.request_id, stream.result.prompt, sampling))
+        # The client's request id may repeat (X-Request-ID); the engine's must be unique.
+        engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
+        await stream.start(engine, GenerationRequest(engine_request_id, stream.result.prompt, sampling))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
@@ -348,13 +358,9 @@ class GenerationService:
             return sampling
         return dataclasses.replace(sampling, max_tokens=max_tokens)
 
-    def record(
-        self, result: GenerationResult, outcome: str, ran_engine: bool, counts_request: bool = True
-    ) -> None:
-        """Count one request, and the engine's work if it ran, in the metrics."""
+    def record(self, result: GenerationResult, outcome: str, ran_engine: bool) -> None:
+        """Count the engine's work, if it ran, in the metrics (requests count in RequestAccounting)."""
         m, slot = self.metrics, result.slot
-        if counts_request:
-            m.requests.labels(model=slot, status=outcome).inc()
         if not ran_engine:
             return
         m.engine_generations.labels(model=slot).inc()

@@ -8,6 +8,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # Latency buckets from 50 ms to 10 min: CPU demo runs are slow, GPU runs fast.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+# Label values of llm_cache_errors_total{operation}: ping is the health check, not a slot's.
+CACHE_OPERATIONS = ("get", "set", "ping", "decode")
 
 
 class Metrics:
@@ -19,7 +21,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "llm_requests", "Generation requests by slot and outcome.", ["model", "status"], registry=r
+            "llm_requests",
+            "Requests to a generation endpoint by slot (unknown before one was named), outcome and HTTP status.",
+            ["model", "status", "code"],
+            registry=r,
         )
         self.tokens_generated = Counter(
             "llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r
@@ -59,6 +64,21 @@ class Metrics:
         self.evictions = Counter(
             "llm_model_evictions", "Slots unloaded to make room for another.", ["model"], registry=r
         )
+        self.model_loads = Counter(
+            "llm_model_loads", "Engine starts (successful or not), lazy loads and retries included.", ["model"],
+            registry=r,
+        )
+        self.load_wait = Histogram(
+            "llm_model_load_wait_seconds",
+            "Time requests waited for their slot to be loaded (or to get room in the budget) before running.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine_deaths = Counter(
+            "llm_engine_deaths", "Loaded engines that died (the slot reloads after a back-off).", ["model"],
+            registry=r,
+        )
         self.idle_unloads = Counter(
             "llm_model_idle_unloads", "Slots unloaded after their idle time.", ["model"], registry=r
         )
@@ -77,8 +97,8 @@ class Metrics:
         )
         self.cache_errors = Counter(
             "llm_cache_errors",
-            "Failed Redis operations or unreadable entries (each a miss or a lost write).",
-            ["operation"],
+            "Failed Redis operations or unreadable entries (each a miss or a lost write); model empty for ping.",
+            ["model", "operation"],
             registry=r,
         )
         self.cache_coalesced = Counter(
@@ -125,6 +145,9 @@ class Metrics:
             self.model_load_failures,
             self.model_memory_share,
             self.evictions,
+            self.model_loads,
+            self.load_wait,
+            self.engine_deaths,
             self.idle_unloads,
             self.engine_generations,
             self.cache_hits,
@@ -136,7 +159,10 @@ class Metrics:
             self.requests_timed_out,
         ):
             collector.labels(model=slot)
-        self.requests.labels(model=slot, status="success")
+        self.requests.labels(model=slot, status="success", code="200")
+        for operation in CACHE_OPERATIONS:
+            if operation != "ping":
+                self.cache_errors.labels(model=slot, operation=operation)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llm_service.cache_control import CacheOptions
 
@@ -84,12 +85,16 @@ class GenerateRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        # ctx["param"] names the field for the error envelope: a model validator has no field location.
+        if self.prompt is None and self.messages is None:
+            raise PydanticCustomError("missing", "give exactly one of 'prompt' or 'messages'", {"param": "prompt"})
+        if self.prompt is not None and self.messages is not None:
+            message = "give exactly one of 'prompt' or 'messages', not both"
+            raise PydanticCustomError("value_error", message, {"param": "messages"})
         if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
+            raise PydanticCustomError("value_error", "'messages' must not be empty", {"param": "messages"})
         if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("'prompt' must not be empty")
+            raise PydanticCustomError("value_error", "'prompt' must not be empty", {"param": "prompt"})
         return self
 
 
@@ -115,3 +120,6 @@ class GenerateResponse(BaseModel):
     usage: Usage
     timings: Timings
     cached: bool = Field(False, description="True when the response came from the cache.")
+    coalesced: bool = Field(
+        False, description="True when an identical request in flight generated it for both (X-Cache: COALESCED)."
+    )

@@ -19,10 +19,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
 
+# Published AWQ (4-bit) builds of the deployment guide's three models.
 PRODUCTION_MODELS: dict[str, str] = {
-    "standard": "meta-llama/Llama-3.1-8B-Instruct-AWQ",
-    "longctx": "mistralai/Mistral-NeMo-Instruct-2407-AWQ",
-    "multimodal": "google/gemma-3-12b-it-awq",
+    "standard": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
+    "longctx": "casperhansen/mistral-nemo-instruct-2407-awq",
+    "multimodal": "gaunernst/gemma-3-12b-it-int4-awq",
+}
+# The deployment guide names ids that are not published on the Hub; they still work, as aliases
+# of the builds above (resolved with a log line).
+GUIDE_MODEL_ALIASES: dict[str, str] = {
+    "meta-llama/Llama-3.1-8B-Instruct-AWQ": PRODUCTION_MODELS["standard"],
+    "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
+    "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
 }
 DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
@@ -78,12 +86,13 @@ class AppSettings(BaseSettings):
         le=1024**3,
         description="Largest request body accepted; a larger one gets 413 before it is read or parsed.",
     )
-    shutdown_grace_seconds: float = Field(
-        30.0,
-        ge=0,
+    shutdown_grace_seconds: int = Field(
+        30,
+        gt=0,
         le=3600,
-        description="On SIGTERM, how long requests in flight may take to finish before the engines stop; "
-        "keep Kubernetes' terminationGracePeriodSeconds above it by the engines' stop time (~15 s).",
+        description="How long requests in flight may take to finish after SIGTERM (new ones get 503 "
+        "meanwhile) before the engines stop; keep it below the Kubernetes terminationGracePeriodSeconds "
+        "minus the preStop pause and the engines' stop time (~15 s).",
     )
 
     @model_validator(mode="after")
@@ -138,6 +147,17 @@ class LLMSettings(BaseSettings):
         default_factory=dict, description="JSON object of extra vLLM engine arguments for multimodal."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine is split across.")
+    min_model_len: int = Field(
+        4096,
+        ge=256,
+        description="Shortest context a slot's default max_model_len is cut to when the slot does not fit "
+        "the device; a slot that does not fit even then is reported as not loadable.",
+    )
+    multimodal_images: bool = Field(
+        True,
+        description="Accept images on the multimodal slot; false starts its engine text-only "
+        "(no vision tower loaded or profiled).",
+    )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs / torch.compile; default true on cpu, false on cuda."
     )
@@ -151,7 +171,27 @@ class LLMSettings(BaseSettings):
         10.0, ge=0, description="How long a load waits for in-flight requests of an LRU slot to end."
     )
     load_retry_seconds: float = Field(
-        30.0, ge=0, description="Back-off before a failed slot is loaded again."
+        10.0,
+        ge=0,
+        description="Back-off before a failed slot (a failed load or a dead engine) is loaded again by itself; "
+        "it doubles with each failure in a row, up to LLM_LOAD_RETRY_MAX_SECONDS.",
+    )
+    load_retry_max_seconds: float = Field(
+        300.0, ge=0, description="Longest back-off between automatic loads of a slot that keeps failing."
+    )
+    min_residency_seconds: float = Field(
+        5.0, ge=0, description="A loaded slot is not evicted sooner than this after its load (stops thrashing)."
+    )
+    swap_fairness_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="While a slot's requests wait for room in the budget, a loaded slot in the way keeps "
+        "admitting requests this long before it drains and is evicted.",
+    )
+    memory_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long a load waits for the device memory of an evicted or dead engine to be free.",
     )
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
     cache_enabled: bool = Field(
@@ -226,6 +266,14 @@ class LLMSettings(BaseSettings):
         if self.api_keys_file is not None:
             keys += read_secret_file(self.api_keys_file, "LLM_API_KEYS_FILE").get_secret_value().splitlines()
         return frozenset(key.strip() for key in keys if key.strip())
+
+    @field_validator("load_retry_max_seconds")
+    @classmethod
+    def _retry_max_not_below_first(cls, value: float, info: ValidationInfo) -> float:
+        first = info.data.get("load_retry_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least LLM_LOAD_RETRY_SECONDS ({first})")
+        return value
 
     @field_validator("preload_models", mode="before")
     @classmethod

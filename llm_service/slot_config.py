@@ -1,11 +1,8 @@
-"""Turns settings into one EngineConfig per slot: model, context length and memory share."""
+"""Turns settings into one EngineConfig per slot: model, context length, memory share, engine args."""
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -14,27 +11,35 @@ from llm_service.engines.base import EngineConfig
 from llm_service.settings import (
     DEFAULT_MAX_MODEL_LEN,
     DEMO_MODEL_DIR,
+    GUIDE_MODEL_ALIASES,
     PRODUCTION_MODELS,
     SLOTS,
     LLMSettings,
     SettingsError,
 )
+from llm_service.sizing.estimate import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    kv_dtype_bytes,
+    model_shape,
+)
+from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, model_metadata
+from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
 
 log = structlog.get_logger(__name__)
 
-GIB = 1024**3
-# Memory an engine needs beyond weights and KV cache: on CUDA the context, activations and
-# graphs; on the CPU the worker process itself (torch and vLLM, about 1.1 GiB measured), since
-# there the share bounds the worker's whole resident memory.
-_OVERHEAD = {"cuda": 2 * GIB, "cpu": 3 * GIB // 2}
-_FALLBACK_SHARE = 0.4
-
 
 def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
-    """The configured model; unset means the production default on a GPU, the demo model on CPU."""
+    """The configured model; unset means the production default on a GPU, the demo model on CPU.
+
+    The deployment guide's ids resolve to the published builds they stand for.
+    """
     configured = llm.model_for(slot)
     if configured:
-        return configured
+        resolved = GUIDE_MODEL_ALIASES.get(configured, configured)
+        if resolved != configured:
+            log.info("model_alias_resolved", slot=slot, alias=configured, model_id=resolved)
+        return resolved
     if device == "cuda":
         return PRODUCTION_MODELS[slot]
     demo = DEMO_MODEL_DIR.resolve()
@@ -46,118 +51,117 @@ def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
     return str(demo)
 
 
-def model_config(model_id: str, revision: str | None = None) -> dict[str, Any] | None:
-    """The model's config.json from a local folder or the Hugging Face cache (never the network)."""
-    path: Path | None = Path(model_id) / "config.json"
-    if path is None or not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+@dataclass(frozen=True)
+class SlotInputs:
+    """One slot's settings with its model's metadata, ready to plan."""
 
-            cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
-        except Exception:
-            cached = None
-        path = Path(cached) if isinstance(cached, str) else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        config: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    config["_folder"] = str(path.parent)
-    return config
+    request: SlotRequest
+    meta: ModelMetadata
+    engine_args: dict[str, Any]  # the operator's LLM_ENGINE_ARGS_<SLOT>, revision taken out
+    revision: str | None
 
 
-def weights_bytes(model_id: str, config: dict[str, Any] | None) -> int | None:
-    """Size of the weights on disk, else a guess from the parameter count in the name."""
-    if config is not None:
-        folder = Path(config["_folder"])
-        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-        if files:
-            return sum(f.stat().st_size for f in files)
-    match = re.search(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", model_id)
-    if not match:
-        return None
-    params = float(match.group(1)) * 1e9
-    lowered = model_id.lower()
-    if any(q in lowered for q in ("awq", "gptq", "int4", "4bit", "w4a16")):
-        bytes_per_param = 0.55
-    elif any(q in lowered for q in ("fp8", "int8", "8bit", "w8a8")):
-        bytes_per_param = 1.05
-    else:
-        bytes_per_param = 2.0
-    return int(params * bytes_per_param)
-
-
-def kv_bytes_per_token(config: dict[str, Any] | None) -> int | None:
-    if config is None:
-        return None
-    text = config.get("text_config") or config
-    try:
-        layers = int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return 2 * layers * kv_heads * head_dim * 2  # K and V, bf16
-
-
-def estimate_share(
-    model_id: str, max_model_len: int, device: str, device_memory: int | None, revision: str | None = None
-) -> float:
-    """Fraction of device memory a slot needs: weights, two full-length sequences of KV cache,
-    and runtime overhead, rounded up to 0.05. Falls back to 0.4 when the model is unknown."""
-    config = model_config(model_id, revision)
-    weights = weights_bytes(model_id, config)
-    kv = kv_bytes_per_token(config)
-    if not device_memory or weights is None:
-        log.warning("memory_share_unknown", model_id=model_id, fallback=_FALLBACK_SHARE)
-        return _FALLBACK_SHARE
-    kv_total = (kv or 128 * 1024) * max_model_len * 2
-    needed = weights * 1.1 + kv_total + _OVERHEAD.get(device, GIB)
-    share = math.ceil(needed / device_memory * 20) / 20
-    return min(1.0, max(0.05, share))
-
-
-def context_length(llm: LLMSettings, slot: str, model_id: str, revision: str | None = None) -> int:
-    """The configured max_model_len, else the slot default capped at the model's own limit."""
-    configured = llm.max_model_len_for(slot)
-    if configured:
-        return configured
+def _default_length(llm: LLMSettings, slot: str, meta: ModelMetadata) -> int:
+    """The slot default, capped at the model's own limit."""
     default = DEFAULT_MAX_MODEL_LEN[slot]
-    config = model_config(model_id, revision)
-    if config is not None:
-        text = config.get("text_config") or config
-        limit = text.get("max_position_embeddings")
-        if isinstance(limit, int) and 0 < limit < default:
-            return limit
-    return default
+    shape = model_shape(meta.config) if meta.config else None
+    limit = shape.max_position_embeddings if shape else None
+    return limit if limit is not None and limit < default else default
 
 
-def build_slot_configs(
-    llm: LLMSettings, device: str, device_memory: int | None
-) -> list[tuple[EngineConfig, bool]]:
-    """One (EngineConfig, pinned) per slot; pinned slots are the preloaded ones."""
+def slot_inputs(llm: LLMSettings, device: str, *, hub: bool | None = None) -> list[SlotInputs]:
+    """Every slot's model, metadata and sizing request from the settings."""
     enforce_eager = llm.enforce_eager if llm.enforce_eager is not None else device == "cpu"
-    configs = []
+    inputs = []
     for slot in SLOTS:
         model_id = model_for_slot(llm, slot, device)
         extra = llm.engine_args_for(slot)
         revision = extra.pop("revision", None)
-        max_model_len = context_length(llm, slot, model_id, revision)
-        share = llm.memory_share_for(slot) or estimate_share(
-            model_id, max_model_len, device, device_memory, revision
-        )
-        config = EngineConfig(
+        configured_len = llm.max_model_len_for(slot) or extra.get("max_model_len")
+        share = llm.memory_share_for(slot)
+        needs_metadata = share is None or configured_len is None or device == "cuda"
+        meta = model_metadata(model_id, revision, hub=hub) if needs_metadata else ModelMetadata(model_id, None, "none")
+        request = SlotRequest(
             slot=slot,
             model_id=model_id,
-            max_model_len=max_model_len,
-            memory_share=share,
-            device=device,
+            shape=model_shape(meta.config) if meta.config else None,
+            max_model_len=int(configured_len or _default_length(llm, slot, meta)),
+            preload=slot in llm.preload_models,
+            length_fixed=configured_len is not None,
+            share=share,
+            min_model_len=llm.min_model_len,
+            vision=slot != "multimodal" or llm.multimodal_images,
+            kv_dtype_bytes=kv_dtype_bytes(extra),
+            max_num_batched_tokens=int(extra.get("max_num_batched_tokens") or DEFAULT_MAX_NUM_BATCHED_TOKENS),
+            max_num_seqs=int(extra.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS),
             enforce_eager=enforce_eager,
-            tensor_parallel_size=llm.tensor_parallel_size,
-            revision=revision,
-            extra_args=extra,
         )
-        configs.append((config, slot in llm.preload_models))
+        inputs.append(SlotInputs(request, meta, extra, revision))
+    return inputs
+
+
+def sizing_plan_with_sources(
+    llm: LLMSettings, device: str, device_memory: int | None, *, hub: bool | None = None
+) -> tuple[Plan, dict[str, str]]:
+    """The plan of every slot on the device, and where each slot's config.json came from."""
+    inputs = slot_inputs(llm, device, hub=hub)
+    return _plan(llm, inputs, device, device_memory), {i.request.slot: i.meta.source for i in inputs}
+
+
+def _plan(llm: LLMSettings, inputs: list[SlotInputs], device: str, device_memory: int | None) -> Plan:
+    return plan_slots(
+        [i.request for i in inputs],
+        Device(device, device_memory, llm.gpu_memory_utilization, llm.tensor_parallel_size),
+    )
+
+
+def _engine_args(inputs: SlotInputs, plan: SlotPlan, device: str) -> dict[str, Any]:
+    """The operator's engine args over the defaults sizing chooses for this slot."""
+    defaults: dict[str, Any] = layout_engine_args(inputs.meta)
+    shape = inputs.request.shape
+    if shape is not None and shape.vision_params and not inputs.request.vision:
+        defaults["limit_mm_per_prompt"] = {"image": 0}
+    if device == "cuda" and plan.kv_bytes:
+        # GPU-only: a KV cache of a known size instead of vLLM's profile of device-wide free
+        # memory, which other slots' engines change while they serve.
+        defaults["kv_cache_memory_bytes"] = plan.kv_bytes
+    return {**defaults, **inputs.engine_args}
+
+
+def build_slot_configs(
+    llm: LLMSettings, device: str, device_memory: int | None, *, hub: bool | None = None
+) -> list[tuple[EngineConfig, bool]]:
+    """One (EngineConfig, pinned) per slot; pinned slots are the preloaded ones that fit."""
+    inputs = slot_inputs(llm, device, hub=hub)
+    plan = _plan(llm, inputs, device, device_memory)
+    configs = []
+    for slot_inputs_, slot_plan in zip(inputs, plan.slots, strict=True):
+        _log_plan(slot_plan, slot_inputs_.meta)
+        config = EngineConfig(
+            slot=slot_plan.slot,
+            model_id=slot_plan.model_id,
+            max_model_len=slot_plan.max_model_len,
+            memory_share=slot_plan.share,
+            device=device,
+            enforce_eager=slot_inputs_.request.enforce_eager,
+            tensor_parallel_size=llm.tensor_parallel_size,
+            revision=slot_inputs_.revision,
+            extra_args=_engine_args(slot_inputs_, slot_plan, device),
+            unloadable=slot_plan.unloadable,
+            aliases=tuple(alias for alias, target in GUIDE_MODEL_ALIASES.items() if target == slot_plan.model_id),
+        )
+        configs.append((config, slot_plan.preload))
     return configs
+
+
+def _log_plan(plan: SlotPlan, meta: ModelMetadata) -> None:
+    if meta.config is None and plan.share:
+        log.warning("memory_estimate_unknown", slot=plan.slot, model_id=plan.model_id, share=plan.share)
+    if plan.unloadable:
+        log.error("slot_not_loadable", slot=plan.slot, model_id=plan.model_id, reason=plan.unloadable)
+    elif plan.shrunk:
+        log.warning(
+            "slot_context_shortened", slot=plan.slot, max_model_len=plan.max_model_len, requested=plan.requested_len
+        )
+    if plan.preload_requested and not plan.preload and not plan.unloadable:
+        log.error("slot_not_preloaded", slot=plan.slot, reason="the preloaded slots do not fit together")

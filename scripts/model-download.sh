@@ -11,8 +11,8 @@
 #
 # Environment:
 #   LLM_MODEL_STANDARD, LLM_MODEL_LONGCTX, LLM_MODEL_MULTIMODAL
-#                    model id of each slot (default: the deployment guide's models); a local path
-#                    is skipped
+#                    model id of each slot (default: published AWQ builds of the deployment guide's
+#                    models; the guide's own ids are aliases of them); a local path is skipped
 #   HF_HOME          Hugging Face home; files go to $HF_HOME/hub (default: ~/.cache/huggingface)
 #   HF_HUB_CACHE     the hub cache directory itself, if not $HF_HOME/hub
 #   HF_TOKEN         access token, needed for gated models (Llama, Gemma): accept the licence on
@@ -29,7 +29,12 @@
 set -euo pipefail
 
 readonly ALL_SLOTS="standard,longctx,multimodal"
-# The deployment guide's models; keep in step with llm_service.settings.PRODUCTION_MODELS.
+# The service's default models; keep in step with llm_service.settings.PRODUCTION_MODELS.
+readonly DEFAULT_MODEL_STANDARD="hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4"
+readonly DEFAULT_MODEL_LONGCTX="casperhansen/mistral-nemo-instruct-2407-awq"
+readonly DEFAULT_MODEL_MULTIMODAL="gaunernst/gemma-3-12b-it-int4-awq"
+# The deployment guide's ids, which are not published: aliases of the defaults, as in
+# llm_service.settings.GUIDE_MODEL_ALIASES.
 readonly GUIDE_MODEL_STANDARD="meta-llama/Llama-3.1-8B-Instruct-AWQ"
 readonly GUIDE_MODEL_LONGCTX="mistralai/Mistral-NeMo-Instruct-2407-AWQ"
 readonly GUIDE_MODEL_MULTIMODAL="google/gemma-3-12b-it-awq"
@@ -63,13 +68,43 @@ while [ "$#" -gt 0 ]; do
     esac
 done
 
-model_for() {
+# The published build a guide id stands for; any other id as it is.
+resolve_alias() {
     case "$1" in
-        standard) printf '%s' "${LLM_MODEL_STANDARD:-$GUIDE_MODEL_STANDARD}" ;;
-        longctx) printf '%s' "${LLM_MODEL_LONGCTX:-$GUIDE_MODEL_LONGCTX}" ;;
-        multimodal) printf '%s' "${LLM_MODEL_MULTIMODAL:-$GUIDE_MODEL_MULTIMODAL}" ;;
+        "$GUIDE_MODEL_STANDARD") printf '%s' "$DEFAULT_MODEL_STANDARD" ;;
+        "$GUIDE_MODEL_LONGCTX") printf '%s' "$DEFAULT_MODEL_LONGCTX" ;;
+        "$GUIDE_MODEL_MULTIMODAL") printf '%s' "$DEFAULT_MODEL_MULTIMODAL" ;;
+        *) printf '%s' "$1" ;;
+    esac
+}
+
+# The slot's LLM_MODEL_* value as set (empty when unset).
+configured_model() {
+    case "$1" in
+        standard) printf '%s' "${LLM_MODEL_STANDARD:-}" ;;
+        longctx) printf '%s' "${LLM_MODEL_LONGCTX:-}" ;;
+        multimodal) printf '%s' "${LLM_MODEL_MULTIMODAL:-}" ;;
         *) return 1 ;;
     esac
+}
+
+model_for() {
+    local configured
+    configured="$(configured_model "$1")" || return 1
+    case "$1" in
+        standard) resolve_alias "${configured:-$DEFAULT_MODEL_STANDARD}" ;;
+        longctx) resolve_alias "${configured:-$DEFAULT_MODEL_LONGCTX}" ;;
+        multimodal) resolve_alias "${configured:-$DEFAULT_MODEL_MULTIMODAL}" ;;
+    esac
+}
+
+# " (alias NAME)" when the slot's variable names one of the guide's ids.
+alias_note() {
+    local configured
+    configured="$(configured_model "$1")"
+    if [ -n "$configured" ] && [ "$(resolve_alias "$configured")" != "$configured" ]; then
+        printf ' (alias %s)' "$configured"
+    fi
 }
 
 # A model value that names a directory on disk (as LLM_MODEL_* may) is served from there as it is.
@@ -114,7 +149,7 @@ if [ "$dry_run" -eq 1 ]; then
         if is_local_path "$model"; then
             printf '%-11s %-50s %s\n' "$slot" "$model" "(local path, not downloaded)"
         else
-            printf '%-11s %-50s %s\n' "$slot" "$model" "$(target_dir "$model")"
+            printf '%-11s %-50s %s\n' "$slot" "$model" "$(target_dir "$model")$(alias_note "$slot")"
         fi
     done
     exit 0
@@ -126,7 +161,7 @@ if command -v hf >/dev/null 2>&1; then
 elif command -v huggingface-cli >/dev/null 2>&1; then
     cli=huggingface-cli
 else
-    die 6 "no Hugging Face CLI found: pip install 'huggingface-hub[cli]' (it provides \`hf\`)"
+    die 6 "no Hugging Face CLI found: pip install huggingface-hub (it provides \`hf\`)"
 fi
 
 # HTTP status of a HEAD request ("000" when the Hub cannot be reached), then the Hub's
@@ -215,7 +250,7 @@ for slot in "${selected[@]}"; do
         continue
     fi
     preflight "$slot" "$model"
-    say "[$slot] downloading $model -> $(target_dir "$model")"
+    say "[$slot] downloading $model$(alias_note "$slot") -> $(target_dir "$model")"
     # The original/ folder and *.pth files of Meta's repos are duplicate checkpoints vLLM never reads.
     if [ "$cli" = hf ]; then
         args=(download "$model" --revision "$revision" --cache-dir "$hub_cache" --exclude "original/*" --exclude "*.pth")

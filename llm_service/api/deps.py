@@ -13,6 +13,7 @@ from llm_service.drain import Drain
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.request_metrics import RequestRecord, record_of
 from llm_service.settings import Settings
 from llm_service.tracing import NoTracer, Tracer
 
@@ -58,9 +59,14 @@ def get_request_id(request: Request) -> str:
     return request_id
 
 
+def get_request_record(request: Request) -> RequestRecord:
+    return record_of(request.scope)
+
+
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 GenerationDep = Annotated[GenerationService, Depends(get_generation)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+RequestRecordDep = Annotated[RequestRecord, Depends(get_request_record)]

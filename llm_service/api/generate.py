@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from llm_service.api.deps import GenerationDep, RequestIdDep
+from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
 from llm_service.api.responses import GENERATION_STATUSES, ErrorEnvelope, error_responses, streaming_response
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.api.timeouts import RequestTimeoutDep
@@ -64,6 +65,7 @@ def response_of(result: GenerationResult) -> GenerateResponse:
         usage=usage_of(result),
         timings=Timings(time_to_first_token=result.time_to_first_token, total=result.total_time),
         cached=result.cached,
+        coalesced=result.coalesced,
     )
 
 
@@ -98,9 +100,12 @@ async def generate(
     generation: GenerationDep,
     request_id: RequestIdDep,
     request_timeout: RequestTimeoutDep,
+    record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = spec_from_request(body, request_id, cache_control, request_timeout.deadline(body.timeout))
+    spec = dataclasses.replace(
+        spec_from_request(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
+    )
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())

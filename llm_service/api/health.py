@@ -10,18 +10,19 @@ from fastapi.responses import JSONResponse
 
 from llm_service import __version__
 from llm_service.api.deps import MetricsDep, RegistryDep, ResourcesDep
-from llm_service.registry import ModelRegistry, SlotState
+from llm_service.registry import ModelRegistry
 
 router = APIRouter(tags=["health"])
 
 
 def overall_status(registry: ModelRegistry, dependencies: dict[str, dict[str, Any]]) -> str:
-    """unhealthy: a preloaded slot failed; degraded: loading, a lazy slot failed, or a dependency
-    (Redis, Langfuse) is down; healthy otherwise."""
+    """unhealthy: a preloaded slot is down (failed, or its engine died and it is reloading);
+    degraded: loading, a lazy slot is down, or a dependency (Redis, Langfuse) is down; healthy
+    otherwise."""
     slots = registry.snapshot()
-    if any(s["pinned"] and s["state"] == SlotState.FAILED.value for s in slots.values()):
+    if any(s["pinned"] and s["error"] is not None for s in slots.values()):
         return "unhealthy"
-    if not registry.preload_done or any(s["state"] == SlotState.FAILED.value for s in slots.values()):
+    if not registry.preload_done or any(s["error"] is not None for s in slots.values()):
         return "degraded"
     if any(dep.get("status") == "down" for dep in dependencies.values()):
         return "degraded"
@@ -59,7 +60,7 @@ async def ready(registry: RegistryDep, resources: ResourcesDep) -> JSONResponse:
         return JSONResponse({"status": "not_ready", "reason": "shutting down"}, status_code=503)
     if registry.is_ready():
         return JSONResponse({"status": "ready"})
-    reason = "preloading models" if not registry.preload_done else "a preloaded model failed"
+    reason = "preloading models" if not registry.preload_done else "a preloaded model is down"
     return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
 

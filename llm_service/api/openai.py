@@ -6,6 +6,7 @@ metrics and limits are the same; this module only translates OpenAI's shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, ResourcesDep
-from llm_service.api.fanout import close_all, complete_all, merged, merged_headers, open_all
+from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
+from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -284,8 +285,9 @@ async def chat_chunks(
 
 
 async def completion_chunks(
-    streams: Sequence[GenerationStream], body: CompletionRequest, request_id: str, created: int
+    merged: MergedStreams, body: CompletionRequest, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    streams = merged.streams
     out = ChunkWriter("text_completion", f"cmpl-{request_id}", body.model, created, body.include_usage)
     n = body.n or 1
     offsets: dict[int, int] = {}
@@ -295,7 +297,7 @@ async def completion_chunks(
                 yield out.chunk([{"index": position * n + index, "text": stream.result.prompt,
                                   "logprobs": None, "finish_reason": None}])
     try:
-        async for position, delta in merged(streams):
+        async for position, delta in merged:
             index = position * n + delta.index
             logprobs = None
             if body.logprobs is not None:
@@ -319,9 +321,12 @@ async def chat_completions(
     generation: GenerationDep,
     request_id: RequestIdDep,
     request_timeout: RequestTimeoutDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = chat_spec(body, request_id, cache_control, request_timeout.deadline(body.timeout))
+    spec = dataclasses.replace(
+        chat_spec(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
+    )
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)
@@ -338,15 +343,17 @@ async def completions(
     generation: GenerationDep,
     request_id: RequestIdDep,
     request_timeout: RequestTimeoutDep,
+    record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    specs = completion_specs(body, request_id, cache_control, request_timeout.deadline(body.timeout))
+    deadline = request_timeout.deadline(body.timeout)
+    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control, deadline)]
     created = int(time.time())
     if body.stream:
-        streams = await open_all(generation, specs)
-        headers = merged_headers([s.result for s in streams])
-        chunks = completion_chunks(streams, body, request_id, created)
-        return SSEResponse(chunks, on_close=lambda: close_all(streams), headers=headers)
+        merged = MergedStreams(await open_all(generation, specs))
+        headers = merged_headers([s.result for s in merged.streams])
+        chunks = completion_chunks(merged, body, request_id, created)
+        return SSEResponse(chunks, on_close=merged.aclose, headers=headers)
     results = await complete_all(generation, specs)
     response = completion_response(results, body, request_id, created)
     return JSONResponse(response, headers=merged_headers(results))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,6 +20,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     revision: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
+    # Why the slot cannot load on this device (from the sizing plan); None when it can.
+    unloadable: str | None = None
+    # Other names a client may use for this slot's model (the deployment guide's ids).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,10 @@ class Engine(Protocol):
 
     async def check_health(self) -> None:
         """Return if the engine is alive; raise EngineDead otherwise."""
+
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        """Have `callback` called once, on the event loop, when the started engine dies on its own
+        (never after shutdown()), so that its death is noticed at once rather than at a poll."""
 
     async def shutdown(self) -> None:
         """Stop the engine and free its memory (ends its processes). Idempotent."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llm_service.engines.base import (
@@ -21,10 +21,10 @@ from llm_service.engines.base import (
 class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
-    `start_delay` and `token_delay` stretch time so tests can overlap requests; `max_num_seqs`
-    and `kv_cache_tokens` are the capacity it reports;
+    `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
+    `max_num_seqs` and `kv_cache_tokens` are the capacity it reports;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
-    dead engine.
+    dead engine (kill() also signals its death, as vLLM's engine-dead notification does).
     """
 
     def __init__(
@@ -32,6 +32,7 @@ class FakeEngine:
         config: EngineConfig,
         *,
         start_delay: float = 0.0,
+        shutdown_delay: float = 0.0,
         token_delay: float = 0.0,
         fail_start: Exception | None = None,
         die_after_tokens: int | None = None,
@@ -40,6 +41,7 @@ class FakeEngine:
     ) -> None:
         self.config = config
         self.start_delay = start_delay
+        self.shutdown_delay = shutdown_delay
         self.token_delay = token_delay
         self.fail_start = fail_start
         self.die_after_tokens = die_after_tokens
@@ -51,6 +53,8 @@ class FakeEngine:
         self.max_num_seqs = max_num_seqs
         self.kv_cache_tokens = kv_cache_tokens
         self.running: set[str] = set()
+        self.request_ids: list[str] = []
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
         await asyncio.sleep(self.start_delay)
@@ -78,6 +82,7 @@ class FakeEngine:
         if prompt_tokens + sampling.max_tokens > self.config.max_model_len:
             raise PromptTooLong(prompt_tokens, sampling.max_tokens, self.config.max_model_len)
         self.generations += 1
+        self.request_ids.append(request.request_id)
         text = self.answer(request.prompt)
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
@@ -136,9 +141,18 @@ class FakeEngine:
         if self.dead:
             raise EngineDead("fake engine is dead")
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        self._on_dead = callback
+
     async def shutdown(self) -> None:
         self.shutdowns += 1
+        self._on_dead = None
+        await asyncio.sleep(self.shutdown_delay)
         self.started = False
 
     def kill(self) -> None:
+        """Die now, and signal it (on the next turn of the loop, like vLLM's output handler)."""
         self.dead = True
+        callback, self._on_dead = self._on_dead, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback, EngineDead("fake engine was killed"))

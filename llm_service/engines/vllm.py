@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import structlog
@@ -73,6 +73,7 @@ class VLLMEngine:
         self._llm: AsyncLLM | None = None
         self._build: asyncio.Future[None] | None = None
         self._closed = False
+        self._on_dead: Callable[[EngineDead], None] | None = None
 
     def engine_args(self) -> AsyncEngineArgs:
         """The vLLM engine arguments this engine starts with."""
@@ -149,6 +150,8 @@ class VLLMEngine:
         # Built off the loop, AsyncLLM defers its output tasks to the first request; start them now
         # so an engine-core failure before any request is still noticed.
         llm._run_output_handler()
+        if llm.output_handler is not None:
+            llm.output_handler.add_done_callback(self._output_handler_ended)
         log.info(
             "vllm_engine.started",
             slot=self.config.slot,
@@ -305,6 +308,23 @@ class VLLMEngine:
         except EngineDeadError as exc:
             raise EngineDead(f"engine {self.config.slot} is dead") from exc
 
+    def on_dead(self, callback: Callable[[EngineDead], None]) -> None:
+        """Call `callback` when the engine core dies on its own (see _output_handler_ended)."""
+        self._on_dead = callback
+        handler = self._llm.output_handler if self._llm is not None else None
+        if handler is not None and handler.done():
+            self._output_handler_ended(handler)
+
+    def _output_handler_ended(self, _task: asyncio.Task[Any]) -> None:
+        # vLLM's engine-dead signal: when the engine core process exits, its monitor thread marks the
+        # client dead and closes the sockets; AsyncLLM's output handler then fails every running
+        # request with EngineDeadError and ends. It ends otherwise only at shutdown.
+        callback, self._on_dead = self._on_dead, None
+        if callback is None or self._closed:
+            return
+        log.error("vllm_engine.dead", slot=self.config.slot)
+        callback(EngineDead(f"engine {self.config.slot} died: its engine core process exited"))
+
     async def shutdown(self) -> None:
         """End the engine core processes and free their memory; idempotent."""
         self._closed = True
@@ -321,6 +341,18 @@ class VLLMEngine:
         # children so reloads do not pile up zombies.
         multiprocessing.active_children()
         log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Memory a new engine on `device` could take now: what vLLM's start-up check compares
+    `gpu_memory_utilization` x total with. None if unknown."""
+    if device == "cuda":
+        # GPU-only: device-wide free memory (cudaMemGetInfo), other processes' engines included.
+        return int(torch.cuda.mem_get_info()[0]) if gpu_available() else None
+    if device == "cpu":
+        # vLLM's CPU worker compares with NUMA node 0's available memory (cgroup-clamped).
+        return int(get_memory_node_info(0).available_memory)
+    return None
 
 
 def _sampling_params(options: SamplingOptions) -> SamplingParams:

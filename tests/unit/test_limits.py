@@ -59,14 +59,14 @@ async def test_invalid_json_says_so_and_where(body, where):
             r = await client.post(path, content=body, headers={"content-type": "application/json"})
             assert r.status_code == 400
             error = r.json()["error"]
-            assert error["message"].startswith("body is not valid JSON") and where in error["message"]
-            assert error["param"] == "body"
+            assert error["message"].startswith("the request body is not valid JSON") and where in error["message"]
+            assert error["param"] is None
 
 
 async def test_missing_body_is_400():
     async with app_client() as (client, _):
         r = await client.post("/generate", headers={"content-type": "application/json"})
-        assert r.status_code == 400 and r.json()["error"]["message"].startswith("request body is missing")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("role", ["user", "system", "developer"])

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from llm_service.app import EngineBackend, create_app
 from llm_service.generation import GenerationService, GenerationSpec, GenerationStream
+from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings
 
@@ -411,7 +412,9 @@ async def test_openai_requests_share_the_metrics_of_generate(api):
     await api.sdk().chat.completions.create(model="standard", messages=CAPITAL)
     await api.sdk().completions.create(model="standard", prompt=["a b", "c d"])
     metrics = (await api.http.get("/metrics")).text
-    assert 'llm_requests_total{model="standard",status="success"} 3.0' in metrics
+    # Two HTTP requests, three generations (one per prompt).
+    assert metric(metrics, "llm_requests_total", model="standard", status="success", code="200") == 2
+    assert metric(metrics, "llm_engine_generations_total", model="standard") == 3
     assert 'llm_tokens_generated_total{model="standard"} 16.0' in metrics
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -111,14 +112,35 @@ async def _use(registry, slot: str) -> None:
         pass
 
 
-def test_a_slot_larger_than_the_budget_is_a_startup_error(make_registry):
-    with pytest.raises(ValueError, match="LLM_GPU_MEMORY_UTILIZATION"):
-        make_registry(shares={"standard": 0.9}, budget=0.5)
+async def test_a_slot_larger_than_the_budget_is_refused_and_the_others_serve(make_registry):
+    # Used to be a ValueError at start, which crash-looped the whole pod.
+    registry, factory = make_registry(shares={"standard": 0.3, "longctx": 0.9}, budget=0.5)
+    await _use(registry, "standard")
+    with pytest.raises(ModelUnavailable, match="cannot be loaded on this device"):
+        await _use(registry, "longctx")
+    assert factory.of("longctx") == [] and registry.slot("standard").state is SlotState.LOADED
+    await registry.close()
 
 
-def test_preloaded_slots_must_fit_together(make_registry):
-    with pytest.raises(ValueError, match="LLM_PRELOAD_MODELS"):
-        make_registry(budget=0.5, pinned=("standard", "longctx"))
+async def test_a_slot_the_plan_marks_unloadable_is_refused_without_evicting(make_registry):
+    registry, factory = make_registry(budget=0.6)
+    slot = registry.slot("longctx")
+    slot.config = dataclasses.replace(slot.config, unloadable="needs 30.0 GiB")
+    await _use(registry, "standard")
+    with pytest.raises(ModelUnavailable, match=r"needs 30\.0 GiB") as info:
+        await registry.load("longctx")
+    assert info.value.status_code == 503
+    assert factory.of("longctx") == [] and registry.slot("standard").state is SlotState.LOADED
+    assert registry.snapshot()["longctx"]["error"] == "needs 30.0 GiB"
+    await registry.close()
+
+
+async def test_a_guide_alias_finds_its_slot(make_registry):
+    registry, _ = make_registry()
+    slot = registry.slot("standard")
+    slot.config = dataclasses.replace(slot.config, aliases=("meta-llama/Llama-3.1-8B-Instruct-AWQ",))
+    assert registry.find("meta-llama/Llama-3.1-8B-Instruct-AWQ") is slot
+    await registry.close()
 
 
 async def test_idle_unpinned_slots_unload_and_pinned_ones_stay(make_registry):
@@ -172,13 +194,19 @@ async def test_dead_engine_is_dropped_and_reloaded(make_registry):
     registry, factory = make_registry(retry_backoff=0.0)
     await _use(registry, "standard")
     first = factory.of("standard")[0]
-    first.kill()
+    first.dead = True  # dead without a signal: the health check finds it
     await registry.reap()
-    assert registry.slot("standard").state is SlotState.FAILED
-    assert "died" in (registry.slot("standard").error or "")
+    slot = registry.slot("standard")
+    assert "died" in (slot.error or "")
+    with pytest.raises(ModelUnavailable, match="died"):  # down: refused at once, not queued
+        await _use(registry, "standard")
+    for _ in range(100):  # it reloads by itself (back-off 0)
+        if slot.state is SlotState.LOADED:
+            break
+        await asyncio.sleep(0.01)
     await _use(registry, "standard")
-    assert len(factory.of("standard")) == 2
-    assert registry.slot("standard").state is SlotState.LOADED
+    assert len(factory.of("standard")) == 2 and first.shutdowns == 1
+    assert slot.state is SlotState.LOADED and slot.error is None
     await registry.close()
 
 

@@ -1,0 +1,54 @@
+"""Waiting, before a load, until the device memory an evicted or dead engine held is really free."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Bytes a new engine could take on the device now; None when the backend cannot tell.
+FreeMemory = Callable[[], int | None]
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The device whose memory the budget divides: its size and a probe of what is free.
+
+    vLLM refuses to start an engine whose share of the device is more than the memory free at
+    that moment, and an engine that was shut down may still be releasing its memory (vLLM kills
+    a slow engine core and does not wait for the driver to reclaim it).
+    """
+
+    total: int
+    free: FreeMemory
+    interval: float = 0.5  # seconds between probes
+
+    async def wait_for(
+        self,
+        share: float,
+        within: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> bool:
+        """Wait until `share` of the device is free, at most `within` seconds; True if it is."""
+        need = int(share * self.total)
+        deadline = clock() + within
+        waited = False
+        while True:
+            free = self.free()
+            if free is None or free >= need:
+                if waited:
+                    log.info("device_memory_free", need_bytes=need, free_bytes=free)
+                return True
+            remaining = deadline - clock()
+            if remaining <= 0:
+                log.warning("device_memory_still_held", need_bytes=need, free_bytes=free, waited_s=within)
+                return False
+            if not waited:
+                log.info("device_memory_waiting", need_bytes=need, free_bytes=free)
+                waited = True
+            await asyncio.sleep(min(self.interval, remaining))

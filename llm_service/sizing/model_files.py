@@ -1,0 +1,145 @@
+"""A model's metadata before its weights: config.json and the repository's file names.
+
+Looked up in a local folder, then the Hugging Face cache, then (metadata only, unless
+HF_HUB_OFFLINE) the Hub, then the configs shipped for the default models. Never downloads weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# config.json of the default models (written from their published architectures), so that a
+# first start without network and `plan` on a laptop estimate what a start with the files would.
+BUNDLED_CONFIGS = Path(__file__).with_name("model_configs")
+
+# vLLM serves a repo with consolidated*.safetensors in Mistral's own format (tokenizer, config and
+# weights), whose tokenizer has no chat template. When the repo also has the Hugging Face layout,
+# these engine arguments make vLLM use that instead, so chat works with either layout.
+HF_LAYOUT_ARGS: dict[str, Any] = {
+    "tokenizer_mode": "hf",
+    "config_format": "hf",
+    "load_format": "hf",
+    "ignore_patterns": ["original/**/*", "consolidated*.safetensors"],
+}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What is known about a model without its weights."""
+
+    model_id: str
+    config: dict[str, Any] | None
+    source: str  # local, cache, hub, bundled or none
+    files: tuple[str, ...] = field(default=())  # repo file names, where known
+
+    def has(self, pattern: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for name in self.files)
+
+
+def hub_allowed() -> bool:
+    """False when the Hugging Face offline switches are set."""
+    return not any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+# Hugging Face layout first; Mistral's own layout keeps the same dimensions in params.json
+# (dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size), which estimate.py reads too.
+CONFIG_FILES = ("config.json", "params.json")
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    for name in CONFIG_FILES:
+        config = _read_json(folder / name)
+        if config is not None:
+            return config
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _hub_cache_dir() -> str | None:
+    """The Hugging Face cache as the environment names it now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+
+
+def _cached(model_id: str, revision: str | None) -> ModelMetadata | None:
+    """The model's snapshot in the Hugging Face cache, if config.json is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [
+            try_to_load_from_cache(model_id, name, cache_dir=_hub_cache_dir(), revision=revision)
+            for name in CONFIG_FILES
+        ]
+    except Exception:  # an id that is no repo name, a broken cache: nothing cached
+        return None
+    cached = next((path for path in found if isinstance(path, str)), None)
+    if cached is None:
+        return None
+    snapshot = Path(cached).parent
+    names = tuple(sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if not p.is_dir()))
+    return ModelMetadata(model_id, _read_config(snapshot), "cache", names)
+
+
+def _from_hub(model_id: str, revision: str | None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """config.json (a few kB) and the file list from the Hub; nothing on any error."""
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        files = tuple(HfApi().list_repo_files(model_id, revision=revision))
+        name = next((n for n in CONFIG_FILES if n in files), CONFIG_FILES[0])
+        path = hf_hub_download(model_id, name, revision=revision, cache_dir=_hub_cache_dir())
+        config = _read_json(Path(path))
+    except Exception as exc:
+        log.warning("model_metadata_unavailable", model_id=model_id, error=f"{type(exc).__name__}: {exc}")
+        return None, ()
+    return config, files
+
+
+def bundled_config(model_id: str) -> dict[str, Any] | None:
+    return _read_json(BUNDLED_CONFIGS / (model_id.replace("/", "--") + ".json"))
+
+
+def model_metadata(model_id: str, revision: str | None = None, *, hub: bool | None = None) -> ModelMetadata:
+    """Metadata of a local folder or a Hub id; `hub` None means: ask the Hub unless offline."""
+    folder = Path(model_id).expanduser()
+    if folder.is_dir():
+        names = tuple(sorted(path.name for path in folder.iterdir()))
+        return ModelMetadata(model_id, _read_config(folder), "local", names)
+    cached = _cached(model_id, revision)
+    # A cache with weights is a finished download whose file list is complete: no need to ask.
+    complete = cached is not None and cached.has("*.safetensors")
+    if not complete and (hub if hub is not None else hub_allowed()):
+        config, files = _from_hub(model_id, revision)
+        if config is not None:
+            return ModelMetadata(model_id, config, "hub", files)
+    if cached is not None:
+        return cached
+    config = bundled_config(model_id)
+    return ModelMetadata(model_id, config, "bundled" if config is not None else "none")
+
+
+def layout_engine_args(meta: ModelMetadata) -> dict[str, Any]:
+    """Engine arguments for a repo with both the Mistral and the Hugging Face layout, else none."""
+    mistral = meta.has("consolidated*.safetensors")
+    hugging_face = meta.has("config.json") and (meta.has("model*.safetensors") or meta.has("tokenizer_config.json"))
+    return dict(HF_LAYOUT_ARGS) if mistral and hugging_face else {}
