@@ -160,6 +160,8 @@ class Metrics:
         ):
             collector.labels(model=slot)
         self.requests.labels(model=slot, status="success", code="200")
+        for reason in ("slot", "total"):
+            self.requests_refused.labels(model=slot, reason=reason)
         for operation in CACHE_OPERATIONS:
             if operation != "ping":
                 self.cache_errors.labels(model=slot, operation=operation)
