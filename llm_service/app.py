@@ -11,10 +11,11 @@ import structlog
 from fastapi import FastAPI
 
 from llm_service import __version__
-from llm_service.api import admin, generate, health, openai
+from llm_service.api import admin, embeddings, generate, health, openai
 from llm_service.api.deps import Resources
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
+from llm_service.embeddings import EmbeddingService
 from llm_service.errors import install_error_handlers
 from llm_service.frontend_config import with_frontend
 from llm_service.generation import GenerationService
@@ -98,6 +99,15 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             started_at=time.time(),
             cache=cache,
             tracer=tracer,
+            embeddings=EmbeddingService(
+                registry,
+                metrics,
+                cache,
+                cache_enabled=settings.llm.cache_enabled,
+                namespace=settings.llm.cache_namespace,
+                ttl=settings.llm.cache_ttl_seconds,
+                max_inputs=settings.llm.embedding_max_inputs,
+            ),
         )
         log.info(
             "service_starting",
@@ -131,4 +141,5 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(embeddings.router)
     return app

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from llm_service.cache import NoCache, ResponseCache
+from llm_service.embeddings import EmbeddingService
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
@@ -27,6 +28,7 @@ class Resources:
     started_at: float
     cache: ResponseCache = field(default_factory=NoCache)
     tracer: Tracer = field(default_factory=NoTracer)
+    embeddings: EmbeddingService | None = None  # None only in tests that build Resources by hand
 
 
 def get_resources(request: Request) -> Resources:
