@@ -119,3 +119,29 @@ def test_errors(client: openai.OpenAI, embedder: ServiceProcess) -> None:
         client.embeddings.create(model="no-such-model", input="x")
     models = {m["id"]: m for m in httpx.get(embedder.base_url + "/v1/models", timeout=30).json()["data"]}
     assert models["embedding"]["kind"] == "embedding" and models["embedding"]["state"] == "loaded"
+
+
+def test_repeated_batch_is_served_from_the_cache(client: openai.OpenAI, embedder: ServiceProcess) -> None:
+    """Batch 1 and 64 through the engine, then the same 64 again: all hits, no engine input.
+    Prints the measured throughput (run with -s); asserts only what the cache must do."""
+
+    def misses() -> float:
+        text = httpx.get(embedder.base_url + "/metrics", timeout=30).text
+        return metric(text, "llm_embedding_cache_misses_total", model="embedding")
+
+    stamp = time.monotonic_ns()
+    texts = [f"throughput {stamp} passage {i}: retrieval augmented generation needs fast embeddings" for i in range(64)]
+    started = time.perf_counter()
+    for text in texts[:16]:
+        client.embeddings.create(model="embedding", input=text, extra_headers={"Cache-Control": "no-store"})
+    single = 16 / (time.perf_counter() - started)
+    started = time.perf_counter()
+    first = client.embeddings.create(model="embedding", input=texts, encoding_format="float")
+    batch = 64 / (time.perf_counter() - started)
+    before = misses()
+    started = time.perf_counter()
+    again = client.embeddings.create(model="embedding", input=texts, encoding_format="float")
+    repeat = 64 / (time.perf_counter() - started)
+    assert misses() == before
+    assert [d.embedding for d in again.data] == [d.embedding for d in first.data]
+    print(f"\nembedding inputs/s: batch 1 {single:.1f}, batch 64 {batch:.1f}, repeated batch 64 (cache) {repeat:.1f}")
