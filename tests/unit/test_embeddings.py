@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from array import array
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.settings import SLOTS, LLMSettings, RedisSettings
+from llm_service.settings import DEMO_MODEL_DIR, SLOTS, LLMSettings, RedisSettings
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings
@@ -141,3 +142,17 @@ async def test_cache_sends_only_unseen_inputs_to_the_engine(cached_embedder: App
     assert metric(text, "llm_embedding_inputs_total", model="embedding") == 200
     await cached_embedder.embed({"input": inputs[:5]}, **{"Cache-Control": "no-cache"})
     assert cached_embedder.batches() == [100, 10, 5]
+
+
+def test_embedding_slot_is_planned_with_the_others_and_starts_the_pooling_runner() -> None:
+    from llm_service.engines.vllm import VLLMEngine
+    from llm_service.slot_config import build_slot_configs
+
+    configs = [config for config, _ in build_slot_configs(fake_settings(**EMBEDDING).llm, "cpu", 8 * GIB)]
+    assert [c.slot for c in configs] == [*SLOTS, "embedding"]
+    assert [c.kind for c in configs] == ["generate"] * len(SLOTS) + ["embedding"]
+    embedding, standard = configs[-1], configs[0]
+    assert embedding.memory_share == 0.2 and embedding.max_model_len == 16
+    demo = str(DEMO_MODEL_DIR.resolve())  # engine arguments resolve the model: a local one
+    assert VLLMEngine(dataclasses.replace(embedding, model_id=demo)).engine_args().runner == "pooling"
+    assert VLLMEngine(dataclasses.replace(standard, model_id=demo)).engine_args().runner != "pooling"
