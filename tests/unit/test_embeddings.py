@@ -156,3 +156,9 @@ def test_embedding_slot_is_planned_with_the_others_and_starts_the_pooling_runner
     demo = str(DEMO_MODEL_DIR.resolve())  # engine arguments resolve the model: a local one
     assert VLLMEngine(dataclasses.replace(embedding, model_id=demo)).engine_args().runner == "pooling"
     assert VLLMEngine(dataclasses.replace(standard, model_id=demo)).engine_args().runner != "pooling"
+
+
+async def test_redis_down_means_misses_not_errors(cached_embedder: App, redis_process: RedisProcess) -> None:  # noqa: F811
+    redis_process.stop()
+    body = await cached_embedder.embed({"input": ["still served", "without redis"]})
+    assert len(body["data"]) == 2 and cached_embedder.batches() == [2]
