@@ -11,7 +11,7 @@ DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 # The multimodal slot's CPU default: an Idefics3 around the demo model (random vision tower, ~20 s).
 DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 
-.PHONY: setup serve test test-unit lint redis clean
+.PHONY: setup serve test test-unit lint redis clean bench bench-tools
 
 setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL)
 
@@ -44,11 +44,23 @@ $(DEMO_MULTIMODAL): | $(DEMO_MODEL)
 serve: setup
 	scripts/serve.sh $(BIN)/python
 
-test: setup
+# bench-tools: the suite runs the benchmark harness's smoke form, which uses ab.
+test: setup bench-tools
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# make bench: the service against `vllm serve`, the bare engine and LiteLLM (BENCHMARKS.md, under 30 min here);
+# make bench ARGS=--quick for the short form (under 5 min). Writes bench/results/ and bench/plots/.
+bench: setup bench-tools
+	$(BIN)/python -m bench $(ARGS)
+
+bench-tools:
+	@command -v ab >/dev/null || { \
+	  echo "installing ApacheBench (apache2-utils)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq apache2-utils >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check llm_service tests bench

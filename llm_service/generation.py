@@ -420,9 +420,12 @@ def _key_extra(spec: GenerationSpec, images: RequestImages, chat: ChatConfig) ->
         extra["images"] = images.summaries()
     if spec.tools:
         extra["tools"] = {"tools": spec.tools, "choice": spec.tool_choice, "parallel": spec.parallel_tool_calls}
-    if chat != ChatConfig():
-        extra["chat"] = dataclasses.asdict(chat)
-    return extra or None
+    return {**extra, **(cache_key_extra(chat) or {})} or None
+
+
+def cache_key_extra(chat: ChatConfig) -> dict[str, Any] | None:
+    """Key material of a plain text request on a slot: its chat template and tool parser, when not the default."""
+    return {"chat": dataclasses.asdict(chat)} if chat != ChatConfig() else None
 
 
 def _round(value: float | None) -> float | None:

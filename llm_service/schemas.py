@@ -116,6 +116,9 @@ class SamplingFields(StopSequences):
     seed: int | None = Field(None, description="Seed for reproducible sampling (makes the request cacheable).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty for tokens already present.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty by token frequency.")
+    ignore_eos: bool = Field(
+        False, description="Generate max_tokens tokens even past the end-of-sequence token (as vLLM; load tests)."
+    )
 
 
 class GenerateRequest(SamplingFields):

@@ -30,6 +30,7 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos,
     )
     messages = [m.model_dump(exclude_none=True) for m in body.messages] if body.messages is not None else None
     return GenerationSpec(

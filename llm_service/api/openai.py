@@ -88,6 +88,7 @@ def _sampling(
         logprobs=logprobs,
         json_schema=json_schema,
         logit_bias=_logit_bias(body.logit_bias),
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

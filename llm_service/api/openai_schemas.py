@@ -72,6 +72,9 @@ class OpenAISampling(StopSequences):
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty for present tokens.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty by token frequency.")
+    ignore_eos: bool | None = Field(
+        None, description="Extension (as vLLM): generate max_tokens tokens even past the end-of-sequence token."
+    )
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id (as a string) to a bias in [-100, 100] added to its logit."
     )

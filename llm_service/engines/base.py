@@ -71,6 +71,8 @@ class SamplingOptions:
     json_schema: dict[str, Any] | None = None
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
     logit_bias: dict[int, float] | None = None
+    # Keep generating past the end-of-sequence token up to max_tokens (as vLLM; for load tests).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

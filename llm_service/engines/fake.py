@@ -140,6 +140,9 @@ class FakeEngine:
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")
+        if sampling.ignore_eos:
+            # As vLLM: no natural end, the generation runs to max_tokens.
+            words = [words[i % len(words)] for i in range(sampling.max_tokens)]
         try:
             for index in range(sampling.n):
                 emitted = 0
@@ -159,7 +162,8 @@ class FakeEngine:
                     last = stop_hit or position == len(words) - 1 or emitted >= sampling.max_tokens
                     reason = None
                     if last:
-                        reason = "stop" if stop_hit or position == len(words) - 1 else "length"
+                        natural_end = position == len(words) - 1 and not sampling.ignore_eos
+                        reason = "stop" if stop_hit or natural_end else "length"
                     logprobs: tuple[TokenLogprob, ...] = ()
                     if sampling.logprobs is not None:
                         top = ((piece, -0.5),) * sampling.logprobs

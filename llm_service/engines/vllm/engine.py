@@ -381,5 +381,6 @@ def _sampling_params(options: SamplingOptions, forced: StructuredOutputsParams |
         logprobs=options.logprobs,
         logit_bias=options.logit_bias,
         structured_outputs=structured,
+        ignore_eos=options.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )

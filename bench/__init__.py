@@ -1,0 +1,1 @@
+"""`make bench`: llm-service against `vllm serve`, the bare engine and LiteLLM, one server at a time."""

@@ -1,0 +1,127 @@
+"""The cache-hit path alone: ours with no engine loaded, one entry seeded in Redis, `ab` on it.
+
+    python -m bench.hit_path [--requests 5000] [--profile]
+
+A hit needs no engine (its key comes from the request and the slot's configuration), so this
+runs in seconds and measures only our HTTP, cache and serialization work, beside /health/live.
+--profile records the service with py-spy during the /generate hits (bench/results/hit-path.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench import ab
+from bench.plan import ROOT
+from bench.servers import Redis, free_port, http_ok, service, service_env
+
+PROMPT = "Name three fruits."
+
+
+def seed_entry(env: dict[str, str], redis_port: int) -> None:
+    """Store the entry the service would store for a greedy /generate of PROMPT (16 tokens)."""
+    from redis import Redis as RedisClient
+
+    from llm_service.cache import CachedChoice, CachedResponse, CachePolicy
+    from llm_service.cache_control import CacheControl
+    from llm_service.engines.base import SamplingOptions
+    from llm_service.frontend_config import with_frontend
+    from llm_service.generation import cache_key_extra
+    from llm_service.settings import load_settings
+    from llm_service.slot_config import build_slot_configs
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        settings = load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    # The slot's configuration as the service builds it (chat template and tool parser are key material).
+    slots = with_frontend(build_slot_configs(settings.llm, "cpu", None), settings)
+    config = next(c for c, _ in slots if c.slot == "standard")
+    sampling = SamplingOptions(max_tokens=16, temperature=0.0)
+    plan = CachePolicy(settings.llm).plan(
+        CacheControl(), sampling, PROMPT, None, config, extra=cache_key_extra(config.chat)
+    )
+    assert plan is not None
+    text = "Apples, bananas and cherries are three fruits that many people like."
+    entry = CachedResponse(config.model_id, PROMPT, 5, (CachedChoice(0, text, "stop", 16),), time.time())
+    RedisClient(port=redis_port).set(plan.key, entry.encode())
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def costed(pid: int, url: str, requests: int, concurrency: int, body: bytes | None = None) -> dict[str, Any]:
+    """One ab run, with the service's CPU time per request (steadier than req/s on a busy machine)."""
+    before = cpu_seconds(pid)
+    figures = ab.run(url, requests, concurrency, body)
+    figures["cpu_ms_per_request"] = round((cpu_seconds(pid) - before) * 1000 / requests, 3)
+    return figures
+
+
+def measure(base_url: str, requests: int, levels: tuple[int, ...], profile: Path | None, pid: int) -> dict[str, Any]:
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 16, "temperature": 0}).encode()
+    out: dict[str, Any] = {"health_live": [costed(pid, base_url + "/health/live", requests, c) for c in levels]}
+    recorder = None
+    if profile is not None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(profile), "--rate", "500"]
+        recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+    out["generate_hit"] = [costed(pid, base_url + "/generate", requests, c, body) for c in levels]
+    if recorder is not None:
+        recorder.send_signal(2)
+        recorder.wait(30)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hit_path", description=__doc__)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--log-level", default="INFO", help="APP_LOG_LEVEL of the service (INFO as in production)")
+    args = parser.parse_args()
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    redis = Redis(out).launch()
+    env = service_env(free_port(), redis.port, "", 0.35, True, APP_LOG_LEVEL=args.log_level)
+    proc, base_url = service("ours-hit-path", env, out)
+    try:
+        seed_entry(env, redis.port)
+        proc.start(http_ok(base_url + "/health/ready"))
+        assert proc.proc is not None
+        profile = out / "hit-path.txt" if args.profile else None
+        result = measure(base_url, args.requests, (1, 16, 64), profile, proc.proc.pid)
+        hit = httpx.post(base_url + "/generate", json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0})
+        result["x_cache"] = hit.headers.get("x-cache")
+    finally:
+        proc.stop()
+        redis.stop()
+    for name in ("health_live", "generate_hit"):
+        for level in result[name]:
+            sys.stdout.write(
+                f"{name:13} c={level['concurrency']:<3} {level['requests_per_second']:8.1f} req/s "
+                f"p50 {level['p50_ms']:7.2f} ms p99 {level['p99_ms']:7.2f} ms "
+                f"cpu {level['cpu_ms_per_request']:.3f} ms/request failed {level['failed']}\n"
+            )
+    (out / "hit-path.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The benchmark harness's own logic: ab's report, the prompt files, the ratios and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench import ab, report
+from bench.dataset import write_prompts
+from bench.plan import FULL, QUICK, SMOKE
+
+AB_REPORT = """
+Complete requests:      2000
+Failed requests:        37
+   (Connect: 0, Receive: 0, Length: 37, Exceptions: 0)
+Non-2xx responses:      3
+Keep-Alive requests:    1990
+Requests per second:    618.25 [#/sec] (mean)
+"""
+AB_CSV = "Percentage served,Time in ms\n0,0.9\n50,1.61\n99,2.70\n"
+
+
+def test_ab_failures_are_statuses_and_connection_errors_not_length_differences() -> None:
+    figures = ab.parse(AB_REPORT, AB_CSV)
+    assert figures == {
+        "requests": 2000, "failed": 3, "non_2xx": 3, "requests_per_second": 618.25, "p50_ms": 1.61, "p99_ms": 2.7,
+        "keep_alive": 1990,
+    }  # fmt: skip
+
+
+class WordTokenizer:
+    """A tokenizer of 40 one-word tokens (and some that are not words)."""
+
+    pieces = [f" w{chr(97 + i % 26)}{chr(97 + i // 26)}x" for i in range(40)] + ["<s>", "12"]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_prompt_files_are_the_same_every_time_and_sized_as_asked(tmp_path: Path) -> None:
+    rag = FULL.workloads[1]
+    first = write_prompts(rag, 5, WordTokenizer(), tmp_path / "a.jsonl").read_text()
+    again = write_prompts(rag, 5, WordTokenizer(), tmp_path / "b.jsonl").read_text()
+    assert first == again
+    lines = [json.loads(line) for line in first.splitlines()]
+    assert len(lines) == 5
+    for line in lines:
+        assert line["output_tokens"] == rag.output_len
+        assert 1500 <= len(line["prompt"].split()) <= 3000
+        assert "<s>" not in line["prompt"]
+
+
+def test_plans_keep_their_shape() -> None:
+    # The smoke form sends one request per setting; the quick form stays smaller than the full one.
+    assert all(w.prompts_at(c) == 1 for w in SMOKE.workloads for c in w.levels)
+    for quick, full in zip(QUICK.workloads, FULL.workloads, strict=True):
+        assert sum(quick.prompts_at(c) for c in quick.levels) < sum(full.prompts_at(c) for c in full.levels)
+    assert FULL.workloads[0].levels == (1, 8, 32, 128)
+
+
+def run(server: str, endpoint: str, c: int, tok_s: float, ttft: float) -> dict[str, Any]:
+    figures = {key: 1.0 for key, _ in report.COLUMNS} | {"output_throughput": tok_s, "median_ttft_ms": ttft}
+    return {"server": server, "endpoint": endpoint, "workload": "short-chat", "concurrency": c, "prompts": c,
+            "figures": figures | {"failed": 0}}  # fmt: skip
+
+
+def results() -> dict[str, Any]:
+    return {
+        "meta": {
+            "plan": "smoke", "date": "2026-11-30T09:00:00Z", "commit": "abc1234", "wall_seconds": 10,
+            "machine": {"cpus": 2, "cpu": "x86_64", "memory_gib": 24, "load_average_at_start": [1.0, 1.0, 1.0]},
+            "versions": {"python": "3.11", "vllm": "0.32.0", "torch": "2.13.0", "litellm": "1.106.12"},
+            "engine": {"model": "demo", "max_model_len": 4096, "memory_share": 0.15, "kv_cache_bytes": 2**30},
+            "workloads": [{"name": "short-chat", "slot": "standard", "input_len": 100, "input_range": 0.2,
+                           "output_len": 8, "prompts": {1: 1}}],
+        },
+        "bare": {"runs": [run("bare", "AsyncLLM", 1, 50.0, 10.0)], "server": {"start_seconds": 30}},
+        "vllm-serve": {"runs": [run("vllm-serve", "/v1/completions", 1, 40.0, 20.0)]},
+        "ours": {
+            "runs": [run("ours", "/v1/completions", 1, 38.0, 22.0), run("ours", "/generate", 1, 44.0, 18.0)],
+            "cache": {"generate_hit": [{"concurrency": 1, "requests": 10, "failed": 0, "requests_per_second": 600.0,
+                                        "p50_ms": 1.5, "p99_ms": 3.0}]},
+        },
+        "swap": {"error": "RuntimeError: boom"},
+    }
+
+
+def test_ratios_pair_each_endpoint_of_ours_with_its_peer() -> None:
+    rows = {r["endpoint"]: r for r in report.ratios(results())}
+    assert rows["/v1/completions"]["output_throughput/serve"] == 0.95
+    assert rows["/v1/completions"]["median_ttft_ms/serve"] == 1.1
+    # /generate is compared with vllm serve's /v1/completions, and with the bare engine.
+    assert rows["/generate"]["output_throughput/serve"] == 1.1
+    assert rows["/generate"]["output_throughput/bare"] == 0.88
+
+
+def test_report_keeps_hand_written_notes_and_shows_failures(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("old\n<!-- notes -->\nThe gap is X.\n<!-- /notes -->\n")
+    report.write(results(), path, tmp_path / "plots")
+    text = path.read_text()
+    assert "The gap is X." in text
+    assert "| short-chat | 1 | /v1/completions | 0.95 |" in text
+    assert "- swap: RuntimeError: boom" in text
+    assert "![throughput-short-chat.png](plots/throughput-short-chat.png)" in text
+    assert (tmp_path / "plots" / "throughput-short-chat.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "cache-hits.png").exists()
