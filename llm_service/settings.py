@@ -203,7 +203,9 @@ class LLMSettings(BaseSettings):
             raise ValueError(f"unknown slot(s) {unknown}; slots are {list(SLOTS + RETRIEVAL_SLOTS)}")
         return list(dict.fromkeys(value))
 
-    @field_validator("engine_args_standard", "engine_args_longctx", "engine_args_multimodal", mode="before")
+    @field_validator(
+        "engine_args_standard", "engine_args_longctx", "engine_args_multimodal", "engine_args_embedding", mode="before"
+    )
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):

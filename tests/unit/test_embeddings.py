@@ -162,3 +162,12 @@ async def test_redis_down_means_misses_not_errors(cached_embedder: App, redis_pr
     redis_process.stop()
     body = await cached_embedder.embed({"input": ["still served", "without redis"]})
     assert len(body["data"]) == 2 and cached_embedder.batches() == [2]
+
+
+def test_embedding_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_MODEL_EMBEDDING", "some/model")
+    monkeypatch.setenv("LLM_ENGINE_ARGS_EMBEDDING", '{"kv_cache_memory_bytes": 536870912}')
+    monkeypatch.setenv("LLM_PRELOAD_MODELS", "standard,embedding")
+    llm = LLMSettings()
+    assert llm.engine_args_for("embedding") == {"kv_cache_memory_bytes": 536870912}
+    assert llm.preload_models == ["standard", "embedding"] and "embedding" in llm.enabled_slots()
