@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-import uvicorn
-
+from llm_service import server
 from llm_service.app import create_app
 from llm_service.logging import configure_logging
 from llm_service.settings import SettingsError, load_settings
@@ -38,12 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM should log through our handlers, not install its own.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     # One worker: the engines live in this process.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.app.host,
-        port=settings.app.port,
-        log_config=None,
-        timeout_graceful_shutdown=settings.app.shutdown_grace_seconds,
+    app = create_app(settings)
+    server.run(
+        app, app.state.drain, settings.app.host, settings.app.port, settings.app.shutdown_grace_seconds
     )
     return 0
 

@@ -11,17 +11,23 @@ import structlog
 from fastapi import FastAPI
 
 from llm_service import __version__
+from llm_service.admission import AdmissionController, AdmissionLimits, AdmissionPolicy
 from llm_service.api import admin, embeddings, generate, health, openai
+from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
+from llm_service.api_keys import ApiKeys
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
+from llm_service.drain import Drain
 from llm_service.embeddings import EmbeddingService
+from llm_service.engines.base import EngineCapacity
 from llm_service.errors import install_error_handlers
 from llm_service.frontend_config import with_frontend
 from llm_service.generation import GenerationService
+from llm_service.guard import RequestGuard
 from llm_service.logging import RequestIdMiddleware
 from llm_service.metrics import Metrics
-from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy
+from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState
 from llm_service.registry.memory import DeviceMemory, FreeMemory
 from llm_service.request_metrics import RequestAccounting, generation_paths
 from llm_service.settings import Settings
@@ -78,8 +84,28 @@ def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics)
     return ModelRegistry(slots, llm.gpu_memory_utilization, backend.factory, metrics, policy, memory=memory)
 
 
+def build_admission(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> AdmissionController:
+    llm = settings.llm
+    limits = AdmissionLimits(
+        per_slot=llm.max_pending_per_slot,
+        total=llm.max_pending_total,
+        per_batch=llm.pending_per_batch,
+        before_load=llm.max_pending_before_load,
+    )
+
+    def loaded_capacity(slot: str) -> EngineCapacity | None:
+        loaded = registry.slot(slot)
+        if loaded.state is not SlotState.LOADED or loaded.engine is None:
+            return None
+        return loaded.engine.capacity()
+
+    return AdmissionController(registry.slot_names, AdmissionPolicy(limits), metrics, loaded_capacity)
+
+
 def create_app(settings: Settings, backend: EngineBackend | None = None) -> FastAPI:
     """The application. Nothing heavy happens here; the lifespan builds the resources."""
+    # Drain state exists before the lifespan: the request guard and the SIGTERM handler share it.
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +120,12 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             metrics=metrics,
             registry=registry,
             generation=GenerationService(
-                registry, metrics, settings.llm.default_max_tokens, coalescer=coalescer, tracer=tracer
+                registry,
+                metrics,
+                settings.llm.default_max_tokens,
+                coalescer=coalescer,
+                tracer=tracer,
+                admission=build_admission(settings, registry, metrics),
             ),
             started_at=time.time(),
             cache=cache,
@@ -108,6 +139,8 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 ttl=settings.llm.cache_ttl_seconds,
                 max_inputs=settings.llm.embedding_max_inputs,
             ),
+            api_keys=ApiKeys(settings.llm.api_key_set()),
+            drain=drain,
         )
         log.info(
             "service_starting",
@@ -134,12 +167,14 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
         description="Multi-model LLM inference on vLLM with a memory-budgeted model registry.",
         lifespan=lifespan,
     )
+    app.state.drain = drain
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.app.max_body_bytes, drain=drain)
     app.add_middleware(RequestAccounting, paths=generation_paths([generate.router, openai.router]))
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(generate.router)
+    app.include_router(generate.router, dependencies=[ApiKeyDep])
     app.include_router(health.router)
-    app.include_router(openai.router)
-    app.include_router(admin.router)
-    app.include_router(embeddings.router)
+    app.include_router(openai.router, dependencies=[ApiKeyDep])
+    app.include_router(admin.router, dependencies=[ApiKeyDep])
+    app.include_router(embeddings.router, dependencies=[ApiKeyDep])
     return app

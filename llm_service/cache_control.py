@@ -6,13 +6,18 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+# A year: longer lifetimes are not useful, and Redis refuses expiries past its own limit.
+MAX_TTL_SECONDS = 365 * 24 * 3600
+
 
 class CacheOptions(BaseModel):
     """The `cache` object of a request body (LiteLLM's vocabulary)."""
 
     no_cache: bool = Field(False, description="Skip the cache read (still store the result).")
     no_store: bool = Field(False, description="Do not store the result.")
-    ttl: int | None = Field(None, ge=1, description="Seconds the stored result lives.")
+    ttl: int | None = Field(
+        None, ge=1, le=MAX_TTL_SECONDS, description="Seconds the stored result lives (at most a year)."
+    )
     use_cache: bool | None = Field(
         None, description="true caches even a non-reproducible request; false bypasses the cache."
     )
@@ -43,7 +48,7 @@ class CacheControl:
                 if seconds == 0:
                     no_store = True
                 else:
-                    ttl = seconds
+                    ttl = min(seconds, MAX_TTL_SECONDS)
         if options is not None:
             no_cache = no_cache or options.no_cache
             no_store = no_store or options.no_store

@@ -67,6 +67,25 @@ class EngineFailure(ServiceError):
     error_type = "engine_error"
 
 
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's timeout passed; its engine request was aborted."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
+class ShuttingDown(ServiceError):
+    """The process is draining before it exits; other replicas take new requests."""
+
+    status_code = 503
+    error_type = "shutting_down"
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
     """Translate any exception into the ServiceError the client sees."""
     if isinstance(exc, ServiceError):
@@ -103,8 +122,13 @@ def render_openai_error(error: ServiceError) -> dict[str, Any]:
     }
 
 
+def renderer_for_path(path: str) -> ErrorRenderer:
+    """The envelope of the surface `path` belongs to."""
+    return render_openai_error if path.startswith("/v1/") else render_error
+
+
 def _renderer_for(request: Request) -> ErrorRenderer:
-    return render_openai_error if request.url.path.startswith("/v1/") else render_error
+    return renderer_for_path(request.url.path)
 
 
 def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) -> JSONResponse:
@@ -116,12 +140,19 @@ def error_response(error: ServiceError, renderer: ErrorRenderer = render_error) 
     return JSONResponse(renderer(error), status_code=error.status_code, headers=headers)
 
 
-def _body_problem(err: dict[str, Any]) -> str | None:
+def _body_problem(err: dict[str, Any], body: object = None) -> str | None:
     """The message for a body that is not a JSON object at all (its errors have no field)."""
     loc = tuple(err.get("loc", ()))
     if err.get("type") == "json_invalid":
         reason = (err.get("ctx") or {}).get("error", "JSON decode error")
-        where = f" (at character {loc[1]})" if len(loc) > 1 else ""
+        position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+        where = ""
+        if position is not None and isinstance(body, str):
+            line = body.count("\n", 0, position) + 1
+            column = position - (body.rfind("\n", 0, position) + 1) + 1
+            where = f" at line {line} column {column} (character {position})"
+        elif position is not None:
+            where = f" (at character {position})"
         return f"the request body is not valid JSON: {reason}{where}"
     if loc == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
         return "the request body must be a JSON object (send it with Content-Type: application/json)"
@@ -132,7 +163,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
     first_param = None
     for err in exc.errors():
-        problem = _body_problem(err)
+        problem = _body_problem(err, exc.body)
         if problem is not None:
             parts.append(problem)
             continue
@@ -163,7 +194,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = ServiceError(str(exc.detail))
         error.status_code = exc.status_code
         error.error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(error, _renderer_for(request))
+        response = error_response(error, _renderer_for(request))
+        response.headers.update(exc.headers or {})  # e.g. Allow of a 405
+        return response
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path)

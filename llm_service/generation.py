@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -9,10 +10,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
+from llm_service.admission import AdmissionController
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
@@ -28,7 +30,7 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
-from llm_service.errors import InvalidRequest, ServiceError, to_service_error
+from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, to_service_error
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
@@ -36,6 +38,8 @@ from llm_service.request_metrics import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class GenerationSpec:
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     record: RequestRecord = field(default_factory=RequestRecord)  # the HTTP request's, for its count
+    deadline: float | None = None  # event-loop time the request must end by (None: no deadline)
 
     def prompt_input(self) -> PromptInput:
         """What the engine renders."""
@@ -155,8 +160,10 @@ class GenerationStream:
         result: GenerationResult,
         trace: Trace = NO_TRACE,
         record: RequestRecord | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.result = result
+        self.deadline = deadline
         self.trace = trace
         self.cache_status = "bypass"  # hit, miss, coalesced or bypass (for the trace)
         self.ran_engine = False
@@ -170,8 +177,8 @@ class GenerationStream:
         self._outcome = "cancelled"
         self._closed = False
 
-    async def enter(self, context: contextlib.AbstractAsyncContextManager[Engine]) -> Engine:
-        """Hold `context` (the slot) until the stream closes."""
+    async def enter(self, context: contextlib.AbstractAsyncContextManager[T]) -> T:
+        """Hold `context` (the slot, the admission) until the stream closes."""
         return await self._stack.enter_async_context(context)
 
     async def start(self, engine: Engine, request: GenerationRequest) -> None:
@@ -194,10 +201,16 @@ class GenerationStream:
                 first, self._first = self._first, None
                 self._record(first)
                 yield first
-            if self._deltas is not None:
-                async for delta in self._deltas:
-                    self._record(delta)
-                    yield delta
+            while self._deltas is not None:
+                try:
+                    async with asyncio.timeout_at(self.deadline):
+                        delta = await anext(self._deltas, None)
+                except TimeoutError as exc:
+                    raise self._service.deadline_passed(self.result.slot) from exc
+                if delta is None:
+                    break
+                self._record(delta)
+                yield delta
             self._outcome = "success"
         except Exception as exc:
             error = to_service_error(exc)
@@ -262,8 +275,10 @@ class GenerationService:
         default_max_tokens: int,
         coalescer: Coalescer | None = None,
         tracer: Tracer | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.registry = registry
+        self.admission = admission  # None: no admission bounds
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
         self.coalescer = coalescer  # None: no response cache, no coalescing
@@ -273,10 +288,24 @@ class GenerationService:
         """Acquire the slot, render and check the prompt, start the engine, await the first delta.
 
         Raises ServiceError subclasses: ModelNotFound, ModelUnavailable, InvalidRequest,
-        EngineFailure.
+        Overloaded, DeadlineExceeded, EngineFailure.
         """
         slot = self.registry.find(spec.slot)
         spec.record.slot = slot.name
+        try:
+            # The deadline covers everything up to the first delta, waiting for a load included.
+            async with asyncio.timeout_at(spec.deadline):
+                return await self._open(spec, slot.name)
+        except TimeoutError as exc:
+            raise self.deadline_passed(slot.name) from exc
+
+    def deadline_passed(self, slot: str) -> DeadlineExceeded:
+        """The error of a request past its deadline (its engine request is aborted by then)."""
+        self.metrics.requests_timed_out.labels(model=slot).inc()
+        return DeadlineExceeded("the request took longer than its timeout; it was stopped")
+
+    async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
+        slot = self.registry.slot(slot_name)
         if slot.config.kind != "generate":
             kind = slot.config.kind
             raise InvalidRequest(f"model {slot.name!r} is a {kind} model, it does not generate", param="model")
@@ -290,7 +319,7 @@ class GenerationService:
             sampling=spec.sampling,
         )
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace, spec.record)
+        stream = GenerationStream(self, result, trace, spec.record, deadline=spec.deadline)
         # The key needs only the request and the slot's configuration: a hit loads no model.
         coalescer = self.coalescer
         plan = None
@@ -325,8 +354,14 @@ class GenerationService:
         result.prompt = served.prompt
 
     async def _start(self, stream: GenerationStream, spec: GenerationSpec) -> None:
-        """Acquire the slot, render and check the prompt, start the engine."""
-        engine = await stream.enter(self.registry.acquire(stream.result.slot))
+        """Admit the request, acquire the slot, render and check the prompt, start the engine."""
+        slot = stream.result.slot
+        admission = None
+        if self.admission is not None:  # refused at once (429) past the slot's or the service's bound
+            admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
+        engine = await stream.enter(self.registry.acquire(slot))
+        if admission is not None:
+            admission.start_running(engine.capacity())
         try:
             rendered = await engine.render(spec.prompt_input())
         except InvalidImage as exc:

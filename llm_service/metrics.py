@@ -127,6 +127,31 @@ class Metrics:
             "llm_embedding_cache_misses", "Embedding inputs the engine embedded (not in the cache).", ["model"],
             registry=r,
         )
+        self.requests_waiting = Gauge(
+            "llm_requests_waiting",
+            "Admitted requests not yet running: waiting for the slot to load or queued beyond what "
+            "its engine batches (scale out on this).",
+            ["model"],
+            registry=r,
+        )
+        self.requests_running = Gauge(
+            "llm_requests_running", "Admitted requests running in the slot's engine batch.", ["model"], registry=r
+        )
+        self.requests_refused = Counter(
+            "llm_requests_refused",
+            "Requests refused with 429 by admission control (reason: slot or total bound).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.engine_requests = Gauge(
+            "llm_engine_requests",
+            "Requests the slot's engine holds by its own count (read at scrape time).",
+            ["model"],
+            registry=r,
+        )
+        self.requests_timed_out = Counter(
+            "llm_requests_timed_out", "Requests that passed their deadline (504).", ["model"], registry=r
+        )
 
     def init_slot(self, slot: str) -> None:
         """Create a slot's series at zero so dashboards see them before the first request."""
@@ -154,9 +179,15 @@ class Metrics:
             self.embedding_duration,
             self.embedding_cache_hits,
             self.embedding_cache_misses,
+            self.requests_waiting,
+            self.requests_running,
+            self.engine_requests,
+            self.requests_timed_out,
         ):
             collector.labels(model=slot)
         self.requests.labels(model=slot, status="success", code="200")
+        for reason in ("slot", "total"):
+            self.requests_refused.labels(model=slot, reason=reason)
         for operation in CACHE_OPERATIONS:
             if operation != "ping":
                 self.cache_errors.labels(model=slot, operation=operation)

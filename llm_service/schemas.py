@@ -81,6 +81,9 @@ class ChatMessage(BaseModel):
 
 
 MAX_STOP = 16
+# Bounds of integers the engine takes (vLLM's own OpenAI server bounds the seed the same way).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 class StopSequences(BaseModel):
@@ -112,8 +115,12 @@ class SamplingFields(StopSequences):
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (and cacheable).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; -1/0/None = all.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling (makes the request cacheable).")
+    top_k: int | None = Field(
+        None, ge=-1, le=INT32_MAX, description="Sample from the k most likely tokens; -1/0/None = all."
+    )
+    seed: int | None = Field(
+        None, ge=INT64_MIN, le=INT64_MAX, description="Seed for reproducible sampling (makes the request cacheable)."
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty for tokens already present.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty by token frequency.")
     ignore_eos: bool = Field(
@@ -127,14 +134,16 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("standard", description="Slot name (standard, longctx, multimodal) or its model id.")
-    prompt: str | None = Field(None, description="Raw prompt text, sent to the model as is.")
+    prompt: str | None = Field(
+        None, min_length=1, description="Raw prompt text, sent to the model as is (give prompt or messages)."
+    )
     images: list[str] | None = Field(
         None,
         description="Image URLs (data: or allowed http(s)) that go with `prompt`: each takes the place of one "
         "image placeholder of the model in the prompt (e.g. <image>), or, with none, goes before the text.",
     )
     messages: list[ChatMessage] | None = Field(
-        None, description="Chat messages, rendered with the model's chat template."
+        None, min_length=1, description="Chat messages, rendered with the model's chat template."
     )
     stream: bool = Field(False, description="Stream Server-Sent Events instead of one JSON response.")
     cache: CacheOptions | None = Field(None, description="Per-request cache controls.")
@@ -143,6 +152,12 @@ class GenerateRequest(SamplingFields):
     )
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="none, auto (the default with tools), required, or a named function."
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds this request may take (waiting for a model load included); past it 504. "
+        "At most LLM_MAX_REQUEST_TIMEOUT_SECONDS; the X-Request-Timeout header does the same.",
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
@@ -37,6 +45,26 @@ class SettingsError(ValueError):
     """A setting has a wrong value; the message names the environment variable."""
 
 
+def read_secret_file(path: Path, name: str) -> SecretStr:
+    """The secret held in a mounted file (surrounding whitespace dropped); ValueError if unreadable or empty."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"{name}: {path} is empty")
+    return SecretStr(text)
+
+
+def secret_from_file(current: object, path: Path | None, env: str) -> SecretStr | None:
+    """The secret of `env`'s `_FILE` variant when it is set (and `env` itself is not), else None."""
+    if path is None:
+        return None
+    if current is not None:
+        raise ValueError(f"set {env} or {env}_FILE, not both")
+    return read_secret_file(path, f"{env}_FILE")
+
+
 class AppSettings(BaseSettings):
     """Process-level settings (APP_*)."""
 
@@ -53,13 +81,30 @@ class AppSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin API (load and unload slots); unset disables it."
     )
+    admin_token_file: Path | None = Field(
+        None, description="File holding the admin token (a mounted secret); instead of APP_ADMIN_TOKEN."
+    )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest request body accepted; a larger one gets 413 before it is read or parsed.",
+    )
     shutdown_grace_seconds: int = Field(
         30,
         gt=0,
         le=3600,
-        description="How long requests in flight may take to finish after SIGTERM; keep it below the "
-        "Kubernetes terminationGracePeriodSeconds minus the preStop pause.",
+        description="How long requests in flight may take to finish after SIGTERM (new ones get 503 "
+        "meanwhile) before the engines stop; keep it below the Kubernetes terminationGracePeriodSeconds "
+        "minus the preStop pause and the engines' stop time (~15 s).",
     )
+
+    @model_validator(mode="after")
+    def _secret_files(self) -> AppSettings:
+        token = secret_from_file(self.admin_token, self.admin_token_file, "APP_ADMIN_TOKEN")
+        if token is not None:
+            self.admin_token = token
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -179,6 +224,63 @@ class LLMSettings(BaseSettings):
     cache_namespace: str = Field(
         "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
     )
+    max_pending_per_slot: int = Field(
+        0,
+        ge=0,
+        description="Most requests running in a slot's engine plus waiting for it; more get 429 "
+        "(0 = LLM_PENDING_PER_BATCH times what the loaded engine batches).",
+    )
+    max_pending_total: int = Field(
+        0, ge=0, description="Most requests running or waiting over all slots; more get 429 (0 = sum of the slots')."
+    )
+    pending_per_batch: float = Field(
+        2.0,
+        ge=1.0,
+        le=100.0,
+        description="A slot admits this many times the sequences its engine batches at once (the smaller of "
+        "max_num_seqs and KV cache tokens / max_model_len), when LLM_MAX_PENDING_PER_SLOT is 0.",
+    )
+    max_pending_before_load: int = Field(
+        64, ge=1, description="Per-slot bound while the slot's engine has not loaded yet (its capacity unknown)."
+    )
+    request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Deadline of a request without its own (waiting for a load included); past it the "
+        "engine request is aborted and the client gets 504.",
+    )
+    max_request_timeout_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Largest timeout a request may ask for (X-Request-Timeout header or `timeout` field).",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys; when set (or LLM_API_KEYS_FILE), generation, /v1 and /admin "
+        "routes need one as `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one a line (a mounted secret); adds to LLM_API_KEYS."
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_and_keys(self) -> LLMSettings:
+        if self.request_timeout_seconds > self.max_request_timeout_seconds:
+            raise ValueError(
+                "LLM_REQUEST_TIMEOUT_SECONDS must not exceed LLM_MAX_REQUEST_TIMEOUT_SECONDS "
+                f"({self.request_timeout_seconds} > {self.max_request_timeout_seconds})"
+            )
+        self.api_key_set()  # an unreadable or empty key file fails at start
+        return self
+
+    def api_key_set(self) -> frozenset[str]:
+        """Every accepted API key (empty: no key needed)."""
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file is not None:
+            keys += read_secret_file(self.api_keys_file, "LLM_API_KEYS_FILE").get_secret_value().splitlines()
+        return frozenset(key.strip() for key in keys if key.strip())
 
     @field_validator("load_retry_max_seconds")
     @classmethod
@@ -295,9 +397,13 @@ class LangfuseSettings(BaseSettings):
 
     enabled: bool = Field(False, description="Send a trace per request to Langfuse.")
     host: str = Field("http://localhost:3000", description="Langfuse base URL.")
-    public_key: str | None = Field(None, validate_default=True, description="Langfuse public key (pk-...).")
-    secret_key: SecretStr | None = Field(
-        None, validate_default=True, description="Langfuse secret key (sk-...)."
+    public_key: str | None = Field(None, description="Langfuse public key (pk-...).")
+    secret_key: SecretStr | None = Field(None, description="Langfuse secret key (sk-...).")
+    public_key_file: Path | None = Field(
+        None, description="File holding the public key (a mounted secret); instead of LANGFUSE_PUBLIC_KEY."
+    )
+    secret_key_file: Path | None = Field(
+        None, description="File holding the secret key (a mounted secret); instead of LANGFUSE_SECRET_KEY."
     )
     capture_content: bool = Field(
         True,
@@ -311,13 +417,20 @@ class LangfuseSettings(BaseSettings):
         5.0, gt=0, le=60, description="Longest wait at shutdown for the last traces to be exported."
     )
 
-    @field_validator("public_key", "secret_key")
-    @classmethod
-    def _keys_when_enabled(cls, value: Any, info: ValidationInfo) -> Any:
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> LangfuseSettings:
+        public = secret_from_file(self.public_key, self.public_key_file, "LANGFUSE_PUBLIC_KEY")
+        if public is not None:
+            self.public_key = public.get_secret_value()
+        secret = secret_from_file(self.secret_key, self.secret_key_file, "LANGFUSE_SECRET_KEY")
+        if secret is not None:
+            self.secret_key = secret
         # Only a missing key is reported: the error message never carries a secret.
-        if info.data.get("enabled") and not value:
-            raise ValueError("LANGFUSE_ENABLED=true needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY")
-        return value
+        if self.enabled and not (self.public_key and self.secret_key):
+            raise ValueError(
+                "LANGFUSE_ENABLED=true needs LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY (or their _FILE variants)"
+            )
+        return self
 
 
 class ImageSettings(BaseSettings):

@@ -8,9 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header
 
 from llm_service.api.deps import RegistryDep, SettingsDep
+from llm_service.api.responses import ErrorEnvelope, error_responses
 from llm_service.errors import Forbidden, Unauthorized
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    responses=error_responses(ErrorEnvelope, 401, 403, 404, 413, 503),
+)
 
 
 def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:

@@ -7,7 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from llm_service.api_keys import ApiKeys
 from llm_service.cache import NoCache, ResponseCache
+from llm_service.drain import Drain
 from llm_service.embeddings import EmbeddingService
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
@@ -29,6 +31,8 @@ class Resources:
     cache: ResponseCache = field(default_factory=NoCache)
     tracer: Tracer = field(default_factory=NoTracer)
     embeddings: EmbeddingService | None = None  # None only in tests that build Resources by hand
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys(frozenset()))
+    drain: Drain = field(default_factory=Drain)
 
 
 # The getters are coroutines on purpose: FastAPI runs a plain-def dependency in its thread pool,

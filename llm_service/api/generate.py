@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
+from llm_service.api.responses import GENERATION_STATUSES, ErrorEnvelope, error_responses, streaming_response
 from llm_service.api.streaming import SSEResponse, sse
+from llm_service.api.timeouts import RequestTimeoutDep
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
@@ -20,7 +22,9 @@ from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, Tool
 
 router = APIRouter(tags=["generate"])
 
-def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
+def spec_from_request(
+    body: GenerateRequest, request_id: str, cache_header: str | None, deadline: float | None = None
+) -> GenerationSpec:
     sampling = SamplingOptions(
         max_tokens=body.max_tokens or 0,
         temperature=body.temperature,
@@ -43,6 +47,7 @@ def spec_from_request(body: GenerateRequest, request_id: str, cache_header: str 
         images=tuple(body.images or ()),
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
+        deadline=deadline,
     )
 
 
@@ -105,19 +110,21 @@ async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
     response_model=GenerateResponse,
     summary="Generate text from a slot's model",
     responses={
-        400: {"description": "Invalid request"},
-        404: {"description": "Unknown model slot"},
-        503: {"description": "Slot loading, failed or out of memory budget"},
+        **streaming_response("The generation; Server-Sent Events (delta, then done or error) with stream: true"),
+        **error_responses(ErrorEnvelope, *GENERATION_STATUSES),
     },
 )
 async def generate(
     body: GenerateRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    request_timeout: RequestTimeoutDep,
     record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = dataclasses.replace(spec_from_request(body, request_id, cache_control), record=record)
+    spec = dataclasses.replace(
+        spec_from_request(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
+    )
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())

@@ -43,6 +43,7 @@ async def health(resources: ResourcesDep) -> JSONResponse:
         "uptime_seconds": round(time.time() - resources.started_at, 1),
         "ready": registry.is_ready(),
         "memory": {"budget": registry.budget, "used": round(registry.used_share(), 4)},
+        "admission": resources.generation.admission.snapshot() if resources.generation.admission else {},
         "dependencies": {"models": registry.snapshot(), **services},
     }
     return JSONResponse(body, status_code=503 if status == "unhealthy" else 200)
@@ -54,7 +55,9 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/health/ready", summary="Readiness: every preloaded slot is loaded and none failed")
-async def ready(registry: RegistryDep) -> JSONResponse:
+async def ready(registry: RegistryDep, resources: ResourcesDep) -> JSONResponse:
+    if resources.drain.draining:
+        return JSONResponse({"status": "not_ready", "reason": "shutting down"}, status_code=503)
     if registry.is_ready():
         return JSONResponse({"status": "ready"})
     reason = "preloading models" if not registry.preload_done else "a preloaded model is down"
@@ -62,5 +65,8 @@ async def ready(registry: RegistryDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(collectors: MetricsDep) -> Response:
+async def metrics(collectors: MetricsDep, registry: RegistryDep) -> Response:
+    for name in registry.slot_names:  # the engines' own counts, read now
+        engine = registry.slot(name).engine
+        collectors.engine_requests.labels(model=name).set(engine.num_requests() if engine is not None else 0)
     return Response(collectors.render(), media_type=collectors.content_type)

@@ -27,7 +27,9 @@ from llm_service.api.openai_schemas import (
     ModelList,
     OpenAISampling,
 )
+from llm_service.api.responses import GENERATION_STATUSES, OpenAIErrorEnvelope, error_responses, streaming_response
 from llm_service.api.streaming import SSEResponse, sse
+from llm_service.api.timeouts import RequestTimeoutDep
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.errors import InvalidRequest, render_openai_error, to_service_error
@@ -36,10 +38,10 @@ from llm_service.registry import Slot
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request (OpenAI error envelope)"},
-    404: {"description": "Unknown model"},
-    503: {"description": "Model loading, failed or out of memory budget"},
+_ERRORS = error_responses(OpenAIErrorEnvelope, 401, 404)
+_GENERATION_ERRORS = {
+    **streaming_response("The completion; with stream: true, Server-Sent Events of chunks ending in [DONE]"),
+    **error_responses(OpenAIErrorEnvelope, *GENERATION_STATUSES),
 }
 _CACHE_HEADER = Header(None, description="no-cache, no-store, max-age=N")
 # vLLM reports -inf as -9999.0 too: JSON has no infinity.
@@ -60,7 +62,8 @@ def _card(slot: Slot, started_at: float) -> ModelCard:
     )
 
 
-@router.get("/models", response_model=ModelList, summary="List the slots as OpenAI models")
+@router.get("/models", response_model=ModelList, responses=error_responses(OpenAIErrorEnvelope, 401),
+            summary="List the slots as OpenAI models")
 async def list_models(registry: RegistryDep, resources: ResourcesDep) -> ModelList:
     slots = [registry.slot(name) for name in registry.slot_names]
     return ModelList(data=[_card(slot, resources.started_at) for slot in slots])
@@ -121,7 +124,9 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
     return rendered
 
 
-def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | None) -> GenerationSpec:
+def chat_spec(
+    body: ChatCompletionRequest, request_id: str, cache_header: str | None, deadline: float | None = None
+) -> GenerationSpec:
     """The generation a chat completion request asks for; InvalidRequest for unsupported fields."""
     if body.functions:
         raise InvalidRequest("functions (deprecated) are not supported; use tools", param="functions")
@@ -141,11 +146,12 @@ def chat_spec(body: ChatCompletionRequest, request_id: str, cache_header: str | 
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
+        deadline=deadline,
     )
 
 
 def completion_specs(
-    body: CompletionRequest, request_id: str, cache_header: str | None
+    body: CompletionRequest, request_id: str, cache_header: str | None, deadline: float | None = None
 ) -> list[GenerationSpec]:
     """One generation per prompt; InvalidRequest for unsupported fields."""
     prompts = _prompts(body.prompt)
@@ -165,6 +171,7 @@ def completion_specs(
             prompt=prompt if isinstance(prompt, str) else None,
             token_ids=None if isinstance(prompt, str) else prompt,
             cache=cache,
+            deadline=deadline,
         )
         for i, prompt in enumerate(prompts)
     ]
@@ -367,16 +374,19 @@ async def completion_chunks(
 
 
 # --- endpoints -------------------------------------------------------------------------------
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_ERRORS,
              summary="Chat completion (OpenAI-compatible), streamed with stream: true")
 async def chat_completions(
     body: ChatCompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    request_timeout: RequestTimeoutDep,
     record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = dataclasses.replace(chat_spec(body, request_id, cache_control), record=record)
+    spec = dataclasses.replace(
+        chat_spec(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
+    )
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)
@@ -386,16 +396,18 @@ async def chat_completions(
     return JSONResponse(chat_response(result, body, created), headers=result.headers())
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=_ERRORS,
+@router.post("/completions", response_model=CompletionResponse, responses=_GENERATION_ERRORS,
              summary="Text completion (OpenAI-compatible), one generation per prompt")
 async def completions(
     body: CompletionRequest,
     generation: GenerationDep,
     request_id: RequestIdDep,
+    request_timeout: RequestTimeoutDep,
     record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control)]
+    deadline = request_timeout.deadline(body.timeout)
+    specs = [dataclasses.replace(s, record=record) for s in completion_specs(body, request_id, cache_control, deadline)]
     created = int(time.time())
     if body.stream:
         merged = MergedStreams(await open_all(generation, specs))

@@ -7,7 +7,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llm_service.cache_control import CacheOptions
-from llm_service.schemas import NamedToolChoice, StopSequences, ToolDefinition, Usage, check_tool_choice
+from llm_service.schemas import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    NamedToolChoice,
+    StopSequences,
+    ToolDefinition,
+    Usage,
+    check_tool_choice,
+)
 
 # n multiplies the engine work of one request; OpenAI allows 128, one small slot serves fewer.
 MAX_N = 16
@@ -67,9 +76,11 @@ class OpenAISampling(StopSequences):
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=-1, description="Extension (as vLLM): sample from the k most likely.")
+    top_k: int | None = Field(
+        None, ge=-1, le=INT32_MAX, description="Extension (as vLLM): sample from the k most likely."
+    )
     n: int | None = Field(None, ge=1, le=MAX_N, description=f"Choices to generate (at most {MAX_N}).")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Seed for reproducible sampling.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty for present tokens.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalty by token frequency.")
     ignore_eos: bool | None = Field(
@@ -82,6 +93,12 @@ class OpenAISampling(StopSequences):
     stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with data: [DONE].")
     stream_options: StreamOptions | None = Field(None, description="Options of a streamed response.")
     cache: CacheOptions | None = Field(None, description="Extension: cache controls, as in /generate.")
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Extension: seconds this request may take; past it 504 (or a final error chunk). "
+        "The X-Request-Timeout header does the same.",
+    )
 
     @property
     def include_usage(self) -> bool:
@@ -102,6 +119,13 @@ class ChatMessage(BaseModel):
     name: str | None = Field(None, description="Name of the speaker, passed to the chat template.")
     tool_calls: list[dict[str, Any]] | None = Field(None, description="The calls an assistant message made.")
     tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # OpenAI's rule: only an assistant message (with tool calls) may come without content.
+        if self.content is None and self.role in ("system", "developer", "user"):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class ChatCompletionRequest(OpenAISampling):

@@ -52,6 +52,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class EngineCapacity:
+    """How much a loaded engine runs at once, as the engine itself reports it."""
+
+    max_num_seqs: int  # sequences the scheduler batches at most
+    kv_cache_tokens: int  # tokens the KV cache holds over all sequences
+    max_model_len: int  # tokens one sequence may hold
+
+    @property
+    def batch(self) -> int:
+        """Sequences the engine can run at once even if each fills the context (as vLLM's own
+        "maximum concurrency" figure): the smaller of max_num_seqs and what the KV cache holds."""
+        return max(1, min(self.max_num_seqs, self.kv_cache_tokens // max(1, self.max_model_len)))
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     """Sampling parameters, engine-neutral. None means the engine's default."""
 
@@ -220,6 +235,12 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request; a no-op if it is not running."""
+
+    def capacity(self) -> EngineCapacity:
+        """What the loaded engine batches (read-only; valid after start)."""
+
+    def num_requests(self) -> int:
+        """Requests the engine itself holds right now (running or queued in it), by its own count."""
 
     async def check_health(self) -> None:
         """Return if the engine is alive; raise EngineDead otherwise."""

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from llm_service.engines.base import (
+    EngineCapacity,
     EngineConfig,
     EngineDead,
     GenerationDelta,
@@ -24,6 +25,7 @@ class FakeEngine:
     """Echoes a canned answer word by word; counts starts, generations and shutdowns.
 
     `start_delay`, `shutdown_delay` and `token_delay` stretch time so tests can overlap requests;
+    `max_num_seqs` and `kv_cache_tokens` are the capacity it reports;
     `fail_start` makes start() raise; `die_after_tokens` or `kill()` make it behave like a
     dead engine (kill() also signals its death, as vLLM's engine-dead notification does);
     `image_tokens` is what one image costs (None: the model takes no images). A prompt's tokens
@@ -41,6 +43,8 @@ class FakeEngine:
         die_after_tokens: int | None = None,
         image_tokens: int | None = None,
         start_gate: asyncio.Event | None = None,
+        max_num_seqs: int = 8,
+        kv_cache_tokens: int = 65536,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
@@ -55,6 +59,9 @@ class FakeEngine:
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_tokens = kv_cache_tokens
+        self.running: set[str] = set()
         self.request_ids: list[str] = []
         self.embed_batches: list[int] = []  # size of each embed() call
         self._on_dead: Callable[[EngineDead], None] | None = None
@@ -143,6 +150,7 @@ class FakeEngine:
         if sampling.ignore_eos:
             # As vLLM: no natural end, the generation runs to max_tokens.
             words = [words[i % len(words)] for i in range(sampling.max_tokens)]
+        self.running.add(request.request_id)
         try:
             for index in range(sampling.n):
                 emitted = 0
@@ -181,6 +189,8 @@ class FakeEngine:
         except (GeneratorExit, asyncio.CancelledError):
             self.aborted.append(request.request_id)
             raise
+        finally:
+            self.running.discard(request.request_id)
 
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
         """A token per word: its length (so equal words are equal tokens)."""
@@ -202,6 +212,12 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(self.max_num_seqs, self.kv_cache_tokens, self.config.max_model_len)
+
+    def num_requests(self) -> int:
+        return len(self.running)
 
     async def check_health(self) -> None:
         if self.dead:

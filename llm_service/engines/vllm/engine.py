@@ -24,6 +24,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from llm_service.engines.base import (
+    EngineCapacity,
     EngineConfig,
     EngineDead,
     EngineError,
@@ -287,6 +288,24 @@ class VLLMEngine:
         """Abort a running request; a no-op if it is unknown or already finished."""
         if self._llm is not None and not self._llm.errored:
             await self._llm.abort(request_id)
+
+    def capacity(self) -> EngineCapacity:
+        """max_num_seqs of vLLM's scheduler and the KV cache size the engine core reported at start."""
+        llm = self._engine()
+        cache = llm.vllm_config.cache_config
+        kv_tokens = cache.kv_cache_size_tokens
+        if kv_tokens is None:
+            kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        return EngineCapacity(
+            max_num_seqs=llm.vllm_config.scheduler_config.max_num_seqs,
+            kv_cache_tokens=int(kv_tokens),
+            max_model_len=llm.model_config.max_model_len,
+        )
+
+    def num_requests(self) -> int:
+        """Unfinished requests in vLLM's output processor (running or queued in the engine core)."""
+        llm = self._llm
+        return 0 if llm is None else llm.get_num_unfinished_requests()
 
     async def check_health(self) -> None:
         """Raise EngineDead unless the engine core is alive."""

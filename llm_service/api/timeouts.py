@@ -1,0 +1,60 @@
+"""Request deadlines: LLM_REQUEST_TIMEOUT_SECONDS, the X-Request-Timeout header and the `timeout` body field."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Annotated
+
+from fastapi import Depends, Header
+
+from llm_service.api.deps import SettingsDep
+from llm_service.errors import InvalidRequest
+
+HEADER = "X-Request-Timeout"
+
+
+class RequestTimeout:
+    """The timeout a request gets: the smallest of its header and body field, else the default; every
+    value within (0, maximum]. `deadline()` is the event loop's time the request must end by."""
+
+    def __init__(self, header: float | None, default: float, maximum: float) -> None:
+        self.header = header
+        self.default = default
+        self.maximum = maximum
+
+    def seconds(self, body_timeout: float | None = None) -> float:
+        if body_timeout is not None:
+            _check(body_timeout, self.maximum, "timeout")
+        given = [t for t in (self.header, body_timeout) if t is not None]
+        return min(given) if given else self.default
+
+    def deadline(self, body_timeout: float | None = None) -> float:
+        return asyncio.get_running_loop().time() + self.seconds(body_timeout)
+
+
+def _check(value: float, maximum: float, param: str) -> None:
+    if not math.isfinite(value) or value <= 0 or value > maximum:
+        raise InvalidRequest(f"{param} must be more than 0 and at most {maximum:g} seconds", param=param)
+
+
+def request_timeout(
+    settings: SettingsDep,
+    x_request_timeout: Annotated[
+        str | None,
+        Header(description="Seconds this request may take (waiting for a model load included); "
+               "past it the client gets 504. At most LLM_MAX_REQUEST_TIMEOUT_SECONDS."),
+    ] = None,
+) -> RequestTimeout:
+    llm = settings.llm
+    header: float | None = None
+    if x_request_timeout is not None:
+        try:
+            header = float(x_request_timeout)
+        except ValueError:
+            raise InvalidRequest(f"{HEADER} must be a number of seconds", param=HEADER) from None
+        _check(header, llm.max_request_timeout_seconds, HEADER)
+    return RequestTimeout(header, llm.request_timeout_seconds, llm.max_request_timeout_seconds)
+
+
+RequestTimeoutDep = Annotated[RequestTimeout, Depends(request_timeout)]

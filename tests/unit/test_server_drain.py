@@ -1,0 +1,120 @@
+"""The draining server in a real process with real signals (fake engines): SIGTERM makes it not ready
+and refuse new work at once, lets the stream in flight finish, then exits; the grace period bounds it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(grace: float, token_delay: float = 0.25) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.unit.drain_app", str(port), str(grace), str(token_delay)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "the server exited"
+        assert time.monotonic() < deadline, "the server did not get ready"
+        try:
+            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def stream_in_background(base: str, events: list[dict], first: threading.Event) -> threading.Thread:
+    def read() -> None:
+        payload = {"prompt": "one two three", "stream": True}
+        try:
+            with httpx.stream("POST", base + "/generate", json=payload, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+                        first.set()
+        except httpx.HTTPError:  # the server cut the stream
+            events.append({"type": "cut"})
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
+
+
+def test_sigterm_drains_then_exits():
+    proc, base = start(grace=30)
+    try:
+        events: list[dict] = []
+        first = threading.Event()
+        reader = stream_in_background(base, events, first)
+        assert first.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = httpx.get(base + "/health/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["reason"] == "shutting down"
+        refused = httpx.post(base + "/generate", json={"prompt": "new"}, timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
+        reader.join(60)
+        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# The fake answers 'fake answer to one two three' word by word; at 4 s a word the stream would take
+# 24 s, so a stream cut short shows the process did not wait for it.
+SLOW = 4.0
+
+
+def test_grace_period_bounds_the_drain():
+    proc, base = start(grace=0.5, token_delay=SLOW)
+    try:
+        events: list[dict] = []
+        first = threading.Event()
+        reader = stream_in_background(base, events, first)
+        assert first.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+        reader.join(30)
+        assert events and events[-1]["type"] != "done"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_second_sigterm_stops_without_waiting_for_the_drain():
+    proc, base = start(grace=120, token_delay=SLOW)
+    try:
+        events: list[dict] = []
+        first = threading.Event()
+        reader = stream_in_background(base, events, first)
+        assert first.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(base + "/health/ready", timeout=5).status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+        reader.join(30)
+        assert events and events[-1]["type"] != "done"
+    finally:
+        proc.kill()
+        proc.wait(10)
