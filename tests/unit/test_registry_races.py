@@ -74,15 +74,24 @@ async def test_a_client_gone_at_send_aborts_every_stream_of_a_prompt_list() -> N
     app = create_app(fake_settings(), EngineBackend(factory, "cpu", 8 * GIB))
     body = {"model": "standard", "prompt": ["one two three", "four five six"], "stream": True, "max_tokens": 50}
     bodies_sent = 0
+    body_read = False
+    gone = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        # As a server does: the body once, then nothing until the client disconnects.
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal bodies_sent
         if message["type"] == "http.response.body":
             bodies_sent += 1
             if bodies_sent == 2:
+                gone.set()
                 raise OSError("the client went away")  # how uvicorn reports it under ASGI 2.4
 
     scope = {
