@@ -12,13 +12,14 @@ from fastapi import FastAPI
 
 from llm_service import __version__
 from llm_service.admission import AdmissionController, AdmissionLimits, AdmissionPolicy
-from llm_service.api import admin, generate, health, openai
+from llm_service.api import admin, embeddings, generate, health, openai
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
 from llm_service.api_keys import ApiKeys
 from llm_service.cache import CachePolicy, build_cache
 from llm_service.coalesce import Coalescer
 from llm_service.drain import Drain
+from llm_service.embeddings import EmbeddingService
 from llm_service.engines.base import EngineCapacity
 from llm_service.errors import install_error_handlers
 from llm_service.frontend_config import with_frontend
@@ -129,6 +130,15 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             started_at=time.time(),
             cache=cache,
             tracer=tracer,
+            embeddings=EmbeddingService(
+                registry,
+                metrics,
+                cache,
+                cache_enabled=settings.llm.cache_enabled,
+                namespace=settings.llm.cache_namespace,
+                ttl=settings.llm.cache_ttl_seconds,
+                max_inputs=settings.llm.embedding_max_inputs,
+            ),
             api_keys=ApiKeys(settings.llm.api_key_set()),
             drain=drain,
         )
@@ -166,4 +176,5 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.include_router(health.router)
     app.include_router(openai.router, dependencies=[ApiKeyDep])
     app.include_router(admin.router, dependencies=[ApiKeyDep])
+    app.include_router(embeddings.router, dependencies=[ApiKeyDep])
     return app

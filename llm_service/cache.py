@@ -266,6 +266,12 @@ class ResponseCache(Protocol):
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         """Store `entry` for `ttl` seconds; False when it was not stored."""
 
+    async def get_many(self, keys: list[str], model: str = "") -> list[bytes | None]:
+        """Raw values under `keys` (one Redis round trip), None for each one absent or unreadable."""
+
+    async def set_many(self, items: dict[str, bytes], ttl: int, model: str = "") -> bool:
+        """Store raw values for `ttl` seconds in one round trip; False when they were not stored."""
+
     async def health(self) -> dict[str, Any]:
         """{"status": "up" | "down" | "disabled", ...} for /health."""
 
@@ -280,6 +286,12 @@ class NoCache:
         return None
 
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
+        return False
+
+    async def get_many(self, keys: list[str], model: str = "") -> list[bytes | None]:
+        return [None] * len(keys)
+
+    async def set_many(self, items: dict[str, bytes], ttl: int, model: str = "") -> bool:
         return False
 
     async def health(self) -> dict[str, Any]:
@@ -387,6 +399,27 @@ class RedisCache:
             log.info("cache_entry_too_large", bytes=len(data), limit=self.max_entry_bytes)
             return False
         return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl), model))
+
+    async def get_many(self, keys: list[str], model: str = "") -> list[bytes | None]:
+        if not keys:
+            return []
+        values = await self._call("get", lambda: self._client.mget(keys), model)
+        if values is None:
+            return [None] * len(keys)
+        return [value.encode() if isinstance(value, str) else value for value in values]
+
+    async def set_many(self, items: dict[str, bytes], ttl: int, model: str = "") -> bool:
+        items = {key: data for key, data in items.items() if len(data) <= self.max_entry_bytes}
+        if not items:
+            return False
+
+        async def write() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key, data in items.items():
+                pipe.set(key, data, ex=ttl)
+            return list(await pipe.execute())
+
+        return bool(await self._call("set", write, model))
 
     async def health(self) -> dict[str, Any]:
         pong = await self._call("ping", self._client.ping)

@@ -69,7 +69,9 @@ def with_frontend(slots: list[tuple[EngineConfig, bool]], settings: Settings) ->
             dataclasses.replace(
                 config,
                 images=_slot_images(config, limits),
-                chat=chat_config(settings.chat, config.slot, config.model_id),
+                chat=chat_config(settings.chat, config.slot, config.model_id)
+                if config.kind == "generate"
+                else ChatConfig(),  # a retrieval slot renders no chat
             ),
             pinned,
         )

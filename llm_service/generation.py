@@ -306,6 +306,9 @@ class GenerationService:
 
     async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
         slot = self.registry.slot(slot_name)
+        if slot.config.kind != "generate":
+            kind = slot.config.kind
+            raise InvalidRequest(f"model {slot.name!r} is a {kind} model, it does not generate", param="model")
         images = await inspect_images(spec.messages, spec.images, slot.config.images)
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(

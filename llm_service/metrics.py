@@ -106,6 +106,27 @@ class Metrics:
             registry=r,
         )
 
+        self.embedding_inputs = Counter(
+            "llm_embedding_inputs", "Inputs embedded by an embedding slot (from the engine or the cache).", ["model"],
+            registry=r,
+        )
+        self.embedding_tokens = Counter(
+            "llm_embedding_tokens", "Tokens of the inputs an embedding slot's engine embedded.", ["model"], registry=r
+        )
+        self.embedding_duration = Histogram(
+            "llm_embedding_duration_seconds",
+            "Time of one /v1/embeddings request, cache lookups included.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.embedding_cache_hits = Counter(
+            "llm_embedding_cache_hits", "Embedding inputs answered from the cache.", ["model"], registry=r
+        )
+        self.embedding_cache_misses = Counter(
+            "llm_embedding_cache_misses", "Embedding inputs the engine embedded (not in the cache).", ["model"],
+            registry=r,
+        )
         self.requests_waiting = Gauge(
             "llm_requests_waiting",
             "Admitted requests not yet running: waiting for the slot to load or queued beyond what "
@@ -153,6 +174,11 @@ class Metrics:
             self.cache_hits,
             self.cache_misses,
             self.cache_coalesced,
+            self.embedding_inputs,
+            self.embedding_tokens,
+            self.embedding_duration,
+            self.embedding_cache_hits,
+            self.embedding_cache_misses,
             self.requests_waiting,
             self.requests_running,
             self.engine_requests,

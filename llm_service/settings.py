@@ -18,6 +18,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
+# Retrieval slots: off unless their model is set (LLM_MODEL_EMBEDDING); kind = the slot's name.
+RETRIEVAL_SLOTS: tuple[str, ...] = ("embedding",)
 
 # Published AWQ (4-bit) builds of the deployment guide's three models.
 PRODUCTION_MODELS: dict[str, str] = {
@@ -32,7 +34,7 @@ GUIDE_MODEL_ALIASES: dict[str, str] = {
     "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
     "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
 }
-DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192}
+DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192, "embedding": 2048}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
 # The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
@@ -118,6 +120,9 @@ class LLMSettings(BaseSettings):
     model_standard: str | None = Field(None, description="Model id or local path of the standard slot.")
     model_longctx: str | None = Field(None, description="Model id or local path of the longctx slot.")
     model_multimodal: str | None = Field(None, description="Model id or local path of the multimodal slot.")
+    model_embedding: str | None = Field(
+        None, description="Model id or local path of the embedding slot (/v1/embeddings); unset: no such slot."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto picks cuda when a GPU is visible, else cpu."
     )
@@ -139,6 +144,14 @@ class LLMSettings(BaseSettings):
     memory_share_standard: float | None = Field(None, gt=0, le=1, description="Budget share of standard.")
     memory_share_longctx: float | None = Field(None, gt=0, le=1, description="Budget share of longctx.")
     memory_share_multimodal: float | None = Field(None, gt=0, le=1, description="Budget share of multimodal.")
+    max_model_len_embedding: int | None = Field(None, gt=0, description="Longest input of embedding, in tokens.")
+    memory_share_embedding: float | None = Field(None, gt=0, le=1, description="Budget share of embedding.")
+    engine_args_embedding: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON object of extra vLLM engine arguments for embedding."
+    )
+    embedding_max_inputs: int = Field(
+        2048, ge=1, description="Most inputs one /v1/embeddings request may carry (400 past it)."
+    )
     engine_args_standard: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict, description="JSON object of extra vLLM engine arguments for standard."
     )
@@ -287,12 +300,14 @@ class LLMSettings(BaseSettings):
     @field_validator("preload_models")
     @classmethod
     def _known_slots(cls, value: list[str]) -> list[str]:
-        unknown = [slot for slot in value if slot not in SLOTS]
+        unknown = [slot for slot in value if slot not in SLOTS + RETRIEVAL_SLOTS]
         if unknown:
-            raise ValueError(f"unknown slot(s) {unknown}; slots are {list(SLOTS)}")
+            raise ValueError(f"unknown slot(s) {unknown}; slots are {list(SLOTS + RETRIEVAL_SLOTS)}")
         return list(dict.fromkeys(value))
 
-    @field_validator("engine_args_standard", "engine_args_longctx", "engine_args_multimodal", mode="before")
+    @field_validator(
+        "engine_args_standard", "engine_args_longctx", "engine_args_multimodal", "engine_args_embedding", mode="before"
+    )
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -303,6 +318,10 @@ class LLMSettings(BaseSettings):
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object")
         return value
+
+    def enabled_slots(self) -> tuple[str, ...]:
+        """The generation slots, then every retrieval slot whose model is set."""
+        return SLOTS + tuple(slot for slot in RETRIEVAL_SLOTS if self.model_for(slot))
 
     def model_for(self, slot: str) -> str | None:
         return getattr(self, f"model_{slot}")

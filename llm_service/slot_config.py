@@ -14,7 +14,7 @@ from llm_service.settings import (
     DEMO_MULTIMODAL_DIR,
     GUIDE_MODEL_ALIASES,
     PRODUCTION_MODELS,
-    SLOTS,
+    RETRIEVAL_SLOTS,
     LLMSettings,
     SettingsError,
 )
@@ -28,6 +28,11 @@ from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, mo
 from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
 
 log = structlog.get_logger(__name__)
+
+
+def slot_kind(slot: str) -> str:
+    """What a slot serves: "generate" for the generation slots, else its own name ("embedding")."""
+    return slot if slot in RETRIEVAL_SLOTS else "generate"
 
 
 def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
@@ -83,7 +88,7 @@ def slot_inputs(llm: LLMSettings, device: str, *, hub: bool | None = None) -> li
     """Every slot's model, metadata and sizing request from the settings."""
     enforce_eager = llm.enforce_eager if llm.enforce_eager is not None else device == "cpu"
     inputs = []
-    for slot in SLOTS:
+    for slot in llm.enabled_slots():
         model_id = model_for_slot(llm, slot, device)
         extra = llm.engine_args_for(slot)
         revision = extra.pop("revision", None)
@@ -159,6 +164,7 @@ def build_slot_configs(
             extra_args=_engine_args(slot_inputs_, slot_plan, device),
             unloadable=slot_plan.unloadable,
             aliases=tuple(alias for alias, target in GUIDE_MODEL_ALIASES.items() if target == slot_plan.model_id),
+            kind=slot_kind(slot_plan.slot),
         )
         configs.append((config, slot_plan.preload))
     return configs

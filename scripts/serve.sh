@@ -54,6 +54,14 @@ case "$cache" in
     ;;
 esac
 
+# The demo setup (no GPU, no embedding model set) serves the demo model as the embedding slot too;
+# LLM_MODEL_EMBEDDING= (empty) turns that off.
+if [ -z "${LLM_MODEL_EMBEDDING+set}" ] && ! command -v nvidia-smi >/dev/null 2>&1 \
+  && [ -f models/SmolLM2-135M-Instruct/config.json ]; then
+  export LLM_MODEL_EMBEDDING=models/SmolLM2-135M-Instruct
+  echo "serve: embedding slot on the demo model (LLM_MODEL_EMBEDDING= turns it off)" >&2
+fi
+
 # In the background so that a TERM reaches it through the trap; wait again after a signal.
 "$python" -m llm_service "$@" &
 service_pid=$!

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from llm_service.api_keys import ApiKeys
 from llm_service.cache import NoCache, ResponseCache
 from llm_service.drain import Drain
+from llm_service.embeddings import EmbeddingService
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
@@ -29,6 +30,7 @@ class Resources:
     started_at: float
     cache: ResponseCache = field(default_factory=NoCache)
     tracer: Tracer = field(default_factory=NoTracer)
+    embeddings: EmbeddingService | None = None  # None only in tests that build Resources by hand
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys(frozenset()))
     drain: Drain = field(default_factory=Drain)
 

@@ -58,6 +58,7 @@ def _card(slot: Slot, started_at: float) -> ModelCard:
         model_id=config.model_id,
         state=slot.state.value,
         max_model_len=config.max_model_len,
+        kind=config.kind,
     )
 
 

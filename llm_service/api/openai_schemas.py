@@ -177,6 +177,7 @@ class ModelCard(BaseModel):
     model_id: str = Field(description="Model id (or path) the slot serves.")
     state: str = Field(description="unloaded, loading, loaded, unloading or failed.")
     max_model_len: int = Field(description="Context length of the slot in tokens.")
+    kind: str = Field("generate", description="generate (chat, completions) or embedding (/v1/embeddings).")
 
 
 class ModelList(BaseModel):

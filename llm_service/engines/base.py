@@ -47,6 +47,8 @@ class EngineConfig:
     aliases: tuple[str, ...] = ()
     images: ImageLimits = field(default_factory=ImageLimits)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    # "generate" (chat and completions) or "embedding" (a pooling model behind /v1/embeddings).
+    kind: str = "generate"
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,18 @@ class PromptTooLong(ValueError):
 
 class InvalidImage(ValueError):
     """An image the engine cannot fetch, decode or take; the message says which one and why."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What an engine of an embedding slot adds: tokenize inputs, then embed many as one batch."""
+
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text as the model reads it (special tokens included)."""
+
+    async def embed(self, request_id: str, inputs: list[list[int]], dimensions: int | None) -> list[list[float]]:
+        """One vector per input, all submitted to the engine at once. Raises ValueError for
+        inputs or dimensions the model cannot take, EngineDead/EngineError as generate() does."""
 
 
 @runtime_checkable

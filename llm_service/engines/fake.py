@@ -63,6 +63,7 @@ class FakeEngine:
         self.kv_cache_tokens = kv_cache_tokens
         self.running: set[str] = set()
         self.request_ids: list[str] = []
+        self.embed_batches: list[int] = []  # size of each embed() call
         self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
@@ -190,6 +191,24 @@ class FakeEngine:
             raise
         finally:
             self.running.discard(request.request_id)
+
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """A token per word: its length (so equal words are equal tokens)."""
+        return [[len(word) for word in text.split()] or [0] for text in texts]
+
+    async def embed(self, request_id: str, inputs: list[list[int]], dimensions: int | None) -> list[list[float]]:
+        """A deterministic unit vector of 8 per input (dimensions below 8 cut it); one call is one batch."""
+        if self.dead:
+            raise EngineDead("fake engine is dead")
+        if dimensions is not None and not 1 <= dimensions <= 8:
+            raise ValueError(f"dimensions {dimensions} out of range 1..8")
+        self.embed_batches.append(len(inputs))
+        vectors = []
+        for ids in inputs:
+            raw = [float((sum(ids) * (i + 3) + len(ids) * (i + 1)) % 17 + 1) for i in range(dimensions or 8)]
+            norm = sum(x * x for x in raw) ** 0.5
+            vectors.append([x / norm for x in raw])
+        return vectors
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

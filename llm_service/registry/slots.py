@@ -118,6 +118,7 @@ class Slot:
         """The slot as /health and /admin show it."""
         return {
             "model_id": self.config.model_id,
+            "kind": self.config.kind,
             "state": self.state.value,
             "pinned": self.pinned,
             "memory_share": self.config.memory_share,

@@ -170,6 +170,16 @@ def base_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def embedding_env() -> dict[str, str]:
+    """The demo embedding slot (the demo model behind vLLM's pooling runner), as `make serve` has it."""
+    return {
+        "LLM_MODEL_EMBEDDING": demo_model_path(),
+        "LLM_MAX_MODEL_LEN_EMBEDDING": "512",
+        "LLM_MEMORY_SHARE_EMBEDDING": "0.1",
+        "LLM_ENGINE_ARGS_EMBEDDING": KV_CACHE_ARGS,
+    }
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

@@ -37,6 +37,7 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
+from llm_service.engines.vllm.pooling import embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
@@ -99,6 +100,7 @@ class VLLMEngine:
             # Ignored by text-only models; on a GPU it also bounds the memory profiled for images.
             "limit_mm_per_prompt": {"image": cfg.images.max_images},
             **media_engine_args(cfg),
+            **pooling_engine_args(cfg),
         }
         args.update(cfg.extra_args)
         return AsyncEngineArgs(**args)
@@ -233,19 +235,24 @@ class VLLMEngine:
                         logprobs=self._logprobs(choice, request.sampling.logprobs) if want_logprobs else (),
                         tool_calls=calls,
                     )
-        except EngineDeadError as exc:
-            raise EngineDead(f"engine {self.config.slot} died: {exc}") from exc
-        except VLLMClientError as exc:
-            raise ValueError(str(exc)) from exc
-        except EngineGenerateError as exc:
-            if isinstance(exc.__cause__, ValueError | VLLMClientError):
-                raise ValueError(str(exc.__cause__)) from exc
-            raise EngineError(f"vLLM failed request {request.request_id}: {exc.__cause__!r}") from exc
-        except GracefulHTTPError as exc:  # vLLM's own queue limits: not the request's fault
-            raise EngineError(str(exc)) from exc
+        except _VLLM_ERRORS as exc:
+            raise _translated(exc, self.config.slot, request.request_id) from exc
         finally:
             # Throws GeneratorExit into vLLM's generator, which aborts the request there.
             await stream.aclose()
+
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The model's token ids of each text (special tokens as the model adds them)."""
+        tokenizer = self._tokenizer()
+        return await asyncio.to_thread(lambda: [list(tokenizer.encode(text)) for text in texts])
+
+    async def embed(self, request_id: str, inputs: list[list[int]], dimensions: int | None) -> list[list[float]]:
+        """Embed every input as one batch (see pooling.py); errors as generate() maps them."""
+        llm = self._engine()
+        try:
+            return await embed_batch(llm, request_id, inputs, dimensions)
+        except _VLLM_ERRORS as exc:
+            raise _translated(exc, self.config.slot, request_id) from exc
 
     def _logprobs(self, choice: CompletionOutput, top_n: int | None) -> tuple[TokenLogprob, ...]:
         if not choice.logprobs:
@@ -341,6 +348,22 @@ class VLLMEngine:
         # children so reloads do not pile up zombies.
         multiprocessing.active_children()
         log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
+
+
+_VLLM_ERRORS = (EngineDeadError, VLLMClientError, EngineGenerateError, GracefulHTTPError)
+
+
+def _translated(exc: Exception, slot: str, request_id: str) -> Exception:
+    """One of vLLM's _VLLM_ERRORS as the Engine protocol raises it."""
+    if isinstance(exc, EngineDeadError):
+        return EngineDead(f"engine {slot} died: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return ValueError(str(exc))
+    if isinstance(exc, EngineGenerateError):
+        if isinstance(exc.__cause__, ValueError | VLLMClientError):
+            return ValueError(str(exc.__cause__))
+        return EngineError(f"vLLM failed request {request_id}: {exc.__cause__!r}")
+    return EngineError(str(exc))  # GracefulHTTPError: vLLM's own queue limits, not the request's fault
 
 
 def free_memory_bytes(device: str) -> int | None:
