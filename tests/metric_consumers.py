@@ -173,6 +173,11 @@ class Exposition:
     def parse(cls, text: str) -> Exposition:
         labels: dict[str, dict[str, set[str]]] = {}
         for family in text_string_to_metric_families(text):
+            # A labelled metric with no series yet (an embedding slot's, when none is configured) is
+            # still declared by its HELP and TYPE lines: it exists, with no labels seen.
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ())
+            for key in (family.name, *(family.name + suffix for suffix in suffixes)):
+                labels.setdefault(key, {})
             for sample in family.samples:
                 # A histogram is named by its family in the docs, by its series in queries.
                 for key in {sample.name, family.name}:
