@@ -20,11 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import cache_hits, latency, litellm_proxy, report, throughput
-from bench.plan import KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, PLANS, ROOT, Plan
+from bench.plan import DTYPE, KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, PLANS, ROOT, SECTIONS, Plan
 from bench.servers import Redis, free_port, http_ok, service, service_env, vllm_serve
-
-SECTIONS = ("bare", "vllm-serve", "ours", "swap")
-
 
 def log(message: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
@@ -59,6 +56,7 @@ def meta(plan: Plan) -> dict[str, Any]:
             "memory_share": MEMORY_SHARE,
             "kv_cache_bytes": KV_CACHE_BYTES,
             "enforce_eager": True,
+            "dtype": DTYPE,
         },
         "workloads": [w.__dict__ | {"prompts": {c: w.prompts_at(c) for c in w.levels}} for w in plan.workloads],
     }
@@ -135,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--quick", action="store_true", help="fewer prompts and levels (minutes)")
     form.add_argument("--smoke", action="store_true", help="one request per setting (the test suite's form)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--only", default="", help=f"comma list of {', '.join(SECTIONS)} (default: the form's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"), help="report to write ('' = none)")
     parser.add_argument("--plots", type=Path, default=ROOT / "bench" / "plots", help="where the report's plots go")
     args = parser.parse_args(argv)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or list(plan.sections)
     if unknown := set(only) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}")
     if not (MODEL / "config.json").exists():

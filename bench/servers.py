@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.plan import KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, ROOT
+from bench.plan import DTYPE, KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, ROOT
 
 READY_TIMEOUT = 900.0
 MIB = 1024 * 1024
@@ -163,6 +164,7 @@ def engine_args() -> dict[str, Any]:
         "gpu_memory_utilization": MEMORY_SHARE,
         "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "enforce_eager": True,
+        "dtype": DTYPE,
         "disable_log_stats": True,
     }
 
@@ -181,7 +183,7 @@ def vllm_serve(log_dir: Path) -> tuple[Process, str]:
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", str(args["max_model_len"]),
         "--gpu-memory-utilization", str(args["gpu_memory_utilization"]),
-        "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
+        "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]), "--dtype", args["dtype"],
         "--enforce-eager", "--disable-log-stats", "--disable-uvicorn-access-log",
     ]  # fmt: skip
     return Process("vllm-serve", cmd, common_env(), log_dir), f"http://127.0.0.1:{port}"
@@ -196,7 +198,7 @@ def service_env(
     **extra: str,
 ) -> dict[str, str]:
     """Settings of ours: the demo model in every slot with the run's engine arguments."""
-    kv = f'{{"kv_cache_memory_bytes": {KV_CACHE_BYTES}}}'
+    kv = json.dumps({"kv_cache_memory_bytes": KV_CACHE_BYTES, "dtype": DTYPE})
     env = {
         **common_env(),
         "APP_ENV": "production",

@@ -16,7 +16,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput
-from vllm.platforms import current_platform
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
 from vllm.utils.cpu_resource_utils import get_memory_node_info
@@ -69,6 +69,21 @@ def device_memory_bytes(device: str) -> int | None:
     return None
 
 
+def cpu_dtype_args(config: EngineConfig) -> dict[str, Any]:
+    """CPU-only: float32 weights on an x86 CPU without AVX-512 BF16.
+
+    vLLM's CPU platform takes bf16 as native on every x86 CPU and keeps a bf16 checkpoint in bf16;
+    on AVX2 alone bf16 matrix products are emulated. On the demo model here float32 decoded 3.6x
+    (one stream) to 9x (8 streams) faster and prefilled 8.7x faster, for twice the weight bytes.
+    An explicit `dtype` in LLM_ENGINE_ARGS_<SLOT> wins.
+    """
+    if config.device != "cpu" or "dtype" in config.extra_args:
+        return {}
+    if current_platform.get_cpu_architecture() != CpuArchEnum.X86 or torch.cpu._is_avx512_bf16_supported():
+        return {}
+    return {"dtype": "float32"}
+
+
 class VLLMEngine:
     """One vLLM AsyncLLM (engine core in a child process) serving one model."""
 
@@ -101,6 +116,7 @@ class VLLMEngine:
             "limit_mm_per_prompt": {"image": cfg.images.max_images},
             **media_engine_args(cfg),
             **pooling_engine_args(cfg),
+            **cpu_dtype_args(cfg),
         }
         args.update(cfg.extra_args)
         return AsyncEngineArgs(**args)

@@ -1,0 +1,40 @@
+"""The CPU engines' dtype: float32 where bf16 would be emulated (x86 without AVX-512 BF16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_service.engines.base import EngineConfig
+from llm_service.engines.vllm import engine as vllm_engine
+
+
+def config(device: str = "cpu", **extra: object) -> EngineConfig:
+    return EngineConfig("standard", "demo", 512, 0.2, device, True, extra_args=dict(extra))
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_x86_without_avx512_bf16_runs_float32(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(vllm_engine.current_platform, "get_cpu_architecture", lambda: vllm_engine.CpuArchEnum.X86)
+    assert vllm_engine.cpu_dtype_args(config()) == ({} if native_bf16 else {"dtype": "float32"})
+
+
+def test_an_explicit_dtype_and_other_devices_and_arches_keep_the_model_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert vllm_engine.cpu_dtype_args(config(dtype="bfloat16")) == {}
+    assert vllm_engine.cpu_dtype_args(config("cuda")) == {}
+    monkeypatch.setattr(vllm_engine.current_platform, "get_cpu_architecture", lambda: vllm_engine.CpuArchEnum.ARM)
+    assert vllm_engine.cpu_dtype_args(config()) == {}
+
+
+def test_engine_arguments_carry_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_service.slot_config import DEMO_MODEL_DIR
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(vllm_engine.current_platform, "get_cpu_architecture", lambda: vllm_engine.CpuArchEnum.X86)
+    demo = str(DEMO_MODEL_DIR.resolve())
+    implicit = EngineConfig("standard", demo, 512, 0.2, "cpu", True)
+    assert vllm_engine.VLLMEngine(implicit).engine_args().dtype == "float32"
+    explicit = EngineConfig("standard", demo, 512, 0.2, "cpu", True, extra_args={"dtype": "bfloat16"})
+    assert vllm_engine.VLLMEngine(explicit).engine_args().dtype == "bfloat16"
