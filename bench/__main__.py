@@ -23,6 +23,7 @@ from bench import cache_hits, latency, litellm_proxy, report, throughput
 from bench.plan import DTYPE, KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, PLANS, ROOT, SECTIONS, Plan
 from bench.servers import Redis, free_port, http_ok, service, service_env, vllm_serve
 
+
 def log(message: str) -> None:
     sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
 
@@ -57,6 +58,7 @@ def meta(plan: Plan) -> dict[str, Any]:
             "kv_cache_bytes": KV_CACHE_BYTES,
             "enforce_eager": True,
             "dtype": DTYPE,
+            "prefix_caching": False,
         },
         "workloads": [w.__dict__ | {"prompts": {c: w.prompts_at(c) for c in w.levels}} for w in plan.workloads],
     }
@@ -86,21 +88,24 @@ def run_vllm_serve(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, A
 
 
 def run_ours(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Ours with standard and longctx loaded and the cache on: throughput (cache bypassed per
-    request), head-of-line, cache hits, coalescing, and LiteLLM in front of it."""
+    """Ours with the plan's slots loaded and the cache on: throughput (cache bypassed per request),
+    then the plan's other parts: head-of-line, cache hits, coalescing, LiteLLM in front of it."""
     redis = Redis(out).launch()
     port = free_port()
-    proc, base_url = service("ours", service_env(port, redis.port, "standard,longctx", 0.35, True), out)
+    proc, base_url = service("ours", service_env(port, redis.port, ",".join(plan.preload()), 0.35, True), out)
     result: dict[str, Any] = {}
     try:
         proc.start(http_ok(base_url + "/health/ready"))
         targets = throughput.http_targets(plan, files, "ours", base_url, True, (throughput.NO_CACHE,))
         guarded(result, "runs", lambda: asyncio.run(throughput.drive(targets, out / "client.log")))
-        guarded(result, "head_of_line", lambda: latency.head_of_line(plan, base_url))
-        guarded(result, "cache", lambda: cache_hits.ours(plan, base_url))
-        guarded(result, "coalescing", lambda: cache_hits.coalescing(plan, base_url))
-        if plan.litellm:
-            guarded(result, "litellm", lambda: run_litellm(plan, base_url, redis.port, out))
+        parts = {
+            "head_of_line": lambda: latency.head_of_line(plan, base_url),
+            "cache": lambda: cache_hits.ours(plan, base_url),
+            "coalescing": lambda: cache_hits.coalescing(plan, base_url),
+            "litellm": lambda: run_litellm(plan, base_url, redis.port, out),
+        }
+        for part in plan.ours_parts:
+            guarded(result, part, parts[part])
     finally:
         memory = proc.stop()
         redis.stop()

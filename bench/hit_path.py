@@ -1,6 +1,6 @@
 """The cache-hit path alone: ours with no engine loaded, one entry seeded in Redis, `ab` on it.
 
-    python -m bench.hit_path [--requests 5000] [--profile]
+    python -m bench.hit_path [--requests 5000] [--profile] [--preload standard]
 
 A hit needs no engine (its key comes from the request and the slot's configuration), so this
 runs in seconds and measures only our HTTP, cache and serialization work, beside /health/live.
@@ -95,11 +95,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log-level", default="INFO", help="APP_LOG_LEVEL of the service (INFO as in production)")
+    parser.add_argument("--preload", default="", help="slots to load first (e.g. standard): hits beside a live engine")
     args = parser.parse_args()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     redis = Redis(out).launch()
-    env = service_env(free_port(), redis.port, "", 0.35, True, APP_LOG_LEVEL=args.log_level)
+    env = service_env(free_port(), redis.port, args.preload, 0.35, True, APP_LOG_LEVEL=args.log_level)
     proc, base_url = service("ours-hit-path", env, out)
     try:
         seed_entry(env, redis.port)

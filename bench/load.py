@@ -124,7 +124,7 @@ def client_args(
         "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--seed", str(SEED), "--temperature", "0", "--ignore-eos", "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--request-id-prefix", f"{label}-", "--ready-check-timeout-sec", "600", "--save-detailed",
+        "--request-id-prefix", f"{label}-", "--save-detailed",
     ]  # fmt: skip
     if target.chat:
         args.append("--skip-chat-template")

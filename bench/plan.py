@@ -37,6 +37,8 @@ class Workload:
 
 
 SECTIONS = ("bare", "vllm-serve", "ours", "swap")
+# What the `ours` section measures besides throughput.
+OURS_PARTS = ("head_of_line", "cache", "coalescing", "litellm")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Plan:
     generate_workloads: tuple[str, ...]
     other_levels: tuple[int, ...] = ()
     sections: tuple[str, ...] = SECTIONS
+    ours_parts: tuple[str, ...] = OURS_PARTS
     cache_levels: tuple[int, ...] = (1, 16, 64)
     cache_requests: int = 2000
     litellm_requests: int = 300
@@ -57,16 +60,24 @@ class Plan:
     hol_streams: int = 4
     hol_stream_tokens: int = 128
     hol_rag_prompts: int = 4
-    litellm: bool = True
+
+    def preload(self) -> tuple[str, ...]:
+        """The slots ours loads at start: the workloads' and, for head-of-line, standard and longctx."""
+        slots = {w.slot for w in self.workloads}
+        if "head_of_line" in self.ours_parts:
+            slots |= {"standard", "longctx"}
+        return tuple(sorted(slots))
 
 
 # name -> (slot, input tokens, +- share of them): short chat, and RAG's 1500-3000 tokens of context.
 SHAPES = {"short-chat": ("standard", 100, 0.2), "rag": ("longctx", 2250, 0.33)}
 
 
-def workload(name: str, out: int, levels: tuple[int, ...], waves: float = 1.0, min_prompts: int = 2) -> Workload:
-    slot, input_len, input_range = SHAPES[name]
-    return Workload(name, slot, input_len, input_range, out, levels, waves, min_prompts)
+def workload(
+    name: str, out: int, levels: tuple[int, ...], waves: float = 1.0, min_prompts: int = 2, slot: str = ""
+) -> Workload:
+    default_slot, input_len, input_range = SHAPES[name]
+    return Workload(name, slot or default_slot, input_len, input_range, out, levels, waves, min_prompts)
 
 
 # Sized for about 30 minutes on 2 quiet cores (float32 engines): one wave of prompts per level.
@@ -74,26 +85,28 @@ def workload(name: str, out: int, levels: tuple[int, ...], waves: float = 1.0, m
 # 2250 tokens cost about 5 minutes per target; 128 would measure a queue, not the server.
 FULL = Plan(
     name="full",
-    workloads=(workload("short-chat", 128, (1, 8, 32, 128)), workload("rag", 200, (1, 8))),
+    workloads=(workload("short-chat", 128, (1, 8, 32, 128)), workload("rag", 200, (1, 8), min_prompts=1)),
     chat_workloads=("short-chat",),
     generate_workloads=("short-chat",),
-    other_levels=(1, 8, 32),
+    other_levels=(1, 8),
+    cache_requests=1000,
+    hol_rag_prompts=2,
 )
-# Under 5 minutes: engine starts alone take about 2.5 of them, so no slot-swap section (two more
-# loads) and no LiteLLM proxy; short outputs, one RAG prompt.
+# Under 5 minutes: engine starts take about 2 of them, so one engine in ours (RAG on `standard`),
+# no head-of-line (it needs two), slot swaps (two more loads) or LiteLLM; short outputs.
 QUICK = Plan(
     name="quick",
-    workloads=(workload("short-chat", 32, (1, 8)), workload("rag", 32, (1,), min_prompts=1)),
+    workloads=(
+        workload("short-chat", 32, (1, 8), min_prompts=1),
+        workload("rag", 16, (1,), min_prompts=1, slot="standard"),
+    ),
     chat_workloads=("short-chat",),
     generate_workloads=("short-chat",),
+    other_levels=(8,),
     sections=("bare", "vllm-serve", "ours"),
-    cache_levels=(1, 16, 64),
+    ours_parts=("cache", "coalescing"),
     cache_requests=500,
     coalesce_requests=8,
-    hol_streams=2,
-    hol_stream_tokens=32,
-    hol_rag_prompts=1,
-    litellm=False,
 )
 # One request per setting: keeps the harness from rotting (the test suite runs it).
 SMOKE = Plan(
@@ -109,6 +122,6 @@ SMOKE = Plan(
     hol_streams=1,
     hol_stream_tokens=8,
     hol_rag_prompts=1,
-    litellm=False,
+    ours_parts=("head_of_line", "cache", "coalescing"),
 )
 PLANS = {p.name: p for p in (FULL, QUICK, SMOKE)}

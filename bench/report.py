@@ -227,7 +227,8 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
         f"{m['versions']['torch']}, LiteLLM {m['versions']['litellm']}, ApacheBench 2.3.",
         f"- Engine (every server): {m['engine']['model']}, max_model_len {m['engine']['max_model_len']}, "
         f"memory share {m['engine']['memory_share']}, KV cache {m['engine']['kv_cache_bytes'] // 2**20} MiB, "
-        f"{m['engine'].get('dtype', 'model dtype')}, eager, log stats off; greedy, `ignore_eos`, one server at a time.",
+        f"{m['engine'].get('dtype', 'model dtype')}, eager, prefix caching off, log stats off; "
+        "greedy, `ignore_eos`, one server at a time.",
         "- Load: vLLM's benchmark client (`vllm.benchmarks.serve`, custom dataset written once per run, seed 0, "
         "request rate inf with max concurrency c) for every target; the bare engine is driven by the same client "
         "through an in-process request function. Cache hits: `ab -k`.",

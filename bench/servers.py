@@ -165,6 +165,9 @@ def engine_args() -> dict[str, Any]:
         "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "enforce_eager": True,
         "dtype": DTYPE,
+        # Every run sends prompts an earlier run (or warm-up) sent: cached prefixes would turn
+        # TTFT into a cache lookup, differently per target.
+        "enable_prefix_caching": False,
         "disable_log_stats": True,
     }
 
@@ -184,6 +187,7 @@ def vllm_serve(log_dir: Path) -> tuple[Process, str]:
         "--max-model-len", str(args["max_model_len"]),
         "--gpu-memory-utilization", str(args["gpu_memory_utilization"]),
         "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]), "--dtype", args["dtype"],
+        "--no-enable-prefix-caching",
         "--enforce-eager", "--disable-log-stats", "--disable-uvicorn-access-log",
     ]  # fmt: skip
     return Process("vllm-serve", cmd, common_env(), log_dir), f"http://127.0.0.1:{port}"
@@ -198,7 +202,7 @@ def service_env(
     **extra: str,
 ) -> dict[str, str]:
     """Settings of ours: the demo model in every slot with the run's engine arguments."""
-    kv = json.dumps({"kv_cache_memory_bytes": KV_CACHE_BYTES, "dtype": DTYPE})
+    kv = json.dumps({"kv_cache_memory_bytes": KV_CACHE_BYTES, "dtype": DTYPE, "enable_prefix_caching": False})
     env = {
         **common_env(),
         "APP_ENV": "production",

@@ -46,7 +46,8 @@ def configure_logging(level: str, console: bool) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    # uvicorn's access lines carry no request id; ours (request_finished) do.
+    # uvicorn's access lines carry no request id; ours (request_finished) do (server.py also
+    # turns uvicorn's access log off: vLLM's dictConfig re-enables disabled loggers).
     logging.getLogger("uvicorn.access").disabled = True
     for name in ("uvicorn", "uvicorn.error", "vllm"):
         logger = logging.getLogger(name)

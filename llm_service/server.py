@@ -60,6 +60,9 @@ def run(app: FastAPI, drain: Drain, host: str, port: int, grace: float) -> None:
         host=host,
         port=port,
         log_config=None,
+        # Our request_finished line carries the request id; uvicorn's would be a second line per
+        # request (and vLLM's logging set-up re-enables a logger we disable).
+        access_log=False,
         timeout_graceful_shutdown=CLOSE_TIMEOUT_SECONDS,
     )
     DrainingServer(config, drain, grace).run()

@@ -18,7 +18,7 @@ router = APIRouter(
 )
 
 
-def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """Allow the request only with `Authorization: Bearer <APP_ADMIN_TOKEN>`."""
     token = settings.app.admin_token
     if token is None:

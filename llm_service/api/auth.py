@@ -16,7 +16,7 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _header = APIKeyHeader(name="x-api-key", auto_error=False, description="`x-api-key: <key>` (one of LLM_API_KEYS).")
 
 
-def require_api_key(
+async def require_api_key(
     resources: ResourcesDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     x_api_key: Annotated[str | None, Depends(_header)],

@@ -67,7 +67,7 @@ async def get_request_id(request: Request) -> str:
     return request_id
 
 
-def get_request_record(request: Request) -> RequestRecord:
+async def get_request_record(request: Request) -> RequestRecord:
     return record_of(request.scope)
 
 

@@ -38,7 +38,7 @@ def _check(value: float, maximum: float, param: str) -> None:
         raise InvalidRequest(f"{param} must be more than 0 and at most {maximum:g} seconds", param=param)
 
 
-def request_timeout(
+async def request_timeout(
     settings: SettingsDep,
     x_request_timeout: Annotated[
         str | None,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
 from tests.metrics_text import metric
+
+from .conftest import ServiceProcess
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -108,3 +111,13 @@ def test_metrics_counters_move(client: httpx.Client) -> None:
     )
     assert metric(after, "llm_model_load_duration_seconds_count", model="standard") == 1
     assert "vllm" not in after
+
+
+def test_one_access_line_per_request(client: httpx.Client, service: ServiceProcess) -> None:
+    """Our access line carries the request id; uvicorn's would be a second line per request."""
+    request_id = f"access-{time.time_ns()}"
+    assert client.get("/health/live", headers={"X-Request-ID": request_id}).status_code == 200
+    lines = [json.loads(line) for line in service.log_path.read_text().splitlines()
+             if request_id in line and line.startswith("{")]  # fmt: skip
+    assert [(line["logger"], line["event"]) for line in lines] == [("llm_service.access", "request_finished")]
+    assert not any('"uvicorn.access"' in line for line in service.log_path.read_text().splitlines())
