@@ -190,11 +190,7 @@ def ensure_multimodal_demo_model(output: Path = DEMO_MULTIMODAL_DIR, text_model:
     if is_complete(output) and (output / "processor_config.json").is_file():
         log.info("demo_model.present", path=str(output))
         return output
-    text_model = ensure_demo_model(Path(text_model))
-    started = time.monotonic()
-    _build_into(output, lambda staging: build_multimodal(text_model, staging))
-    log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
-    return output
+    return _build_from_text_model(output, Path(text_model), build_multimodal)
 
 
 def ensure_rerank_demo_model(output: Path = DEMO_RERANK_DIR, text_model: Path = DEMO_MODEL_DIR) -> Path:
@@ -203,9 +199,14 @@ def ensure_rerank_demo_model(output: Path = DEMO_RERANK_DIR, text_model: Path = 
     if is_complete(output):
         log.info("demo_model.present", path=str(output))
         return output
-    text_model = ensure_demo_model(Path(text_model))
+    return _build_from_text_model(output, Path(text_model), build_reranker)
+
+
+def _build_from_text_model(output: Path, text_model: Path, build: Callable[[Path, Path], None]) -> Path:
+    """Build `output` with `build(text_model, staging)`, building the text demo first if needed."""
+    text_model = ensure_demo_model(text_model)
     started = time.monotonic()
-    _build_into(output, lambda staging: build_reranker(text_model, staging))
+    _build_into(output, lambda staging: build(text_model, staging))
     log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
     return output
 

@@ -18,7 +18,7 @@ from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_metrics import RequestRecord
-from llm_service.retrieval import retrieval_slot, traced
+from llm_service.retrieval import start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 
 EMBEDDING_SCHEMA_VERSION = 1
@@ -129,19 +129,17 @@ class EmbeddingService:
         store_cache: bool = True,
         record: RequestRecord | None = None,
     ) -> EmbeddingResult:
-        slot = self._registry.find(model)
-        if record is not None:
-            record.slot = slot.name
-        slot = retrieval_slot(self._registry, model, "embedding")
-        config = slot.config
-        trace = self._tracer.start_retrieval(
+        slot, trace = start_request(
+            self._registry,
+            self._tracer,
+            model=model,
+            kind="embedding",
             request_id=request_id,
-            slot=slot.name,
-            model_id=config.model_id,
-            operation="embedding",
+            record=record,
             input=inputs,
             parameters={"inputs": len(inputs), "dimensions": dimensions},
         )
+        config = slot.config
         started = time.monotonic()
         with traced(trace) as summary:
             check_inputs(inputs, self.max_inputs)

@@ -15,7 +15,7 @@ from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_metrics import RequestRecord
-from llm_service.retrieval import retrieval_slot, traced
+from llm_service.retrieval import start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 
 
@@ -78,15 +78,13 @@ class RerankService:
         request_id: str,
         record: RequestRecord | None = None,
     ) -> RerankResult:
-        slot = self._registry.find(model)
-        if record is not None:
-            record.slot = slot.name
-        slot = retrieval_slot(self._registry, model, "rerank")
-        trace = self._tracer.start_retrieval(
+        slot, trace = start_request(
+            self._registry,
+            self._tracer,
+            model=model,
+            kind="rerank",
             request_id=request_id,
-            slot=slot.name,
-            model_id=slot.config.model_id,
-            operation="rerank",
+            record=record,
             input={"query": query, "documents": documents},
             parameters={"documents": len(documents), "top_n": top_n},
         )

@@ -9,7 +9,8 @@ from typing import Any
 
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.registry import ModelRegistry, Slot
-from llm_service.tracing import Trace
+from llm_service.request_metrics import RequestRecord
+from llm_service.tracing import Trace, Tracer
 
 # The setting that turns a retrieval slot on, named in the 400 for a model of the wrong kind.
 MODEL_SETTING = {"embedding": "LLM_MODEL_EMBEDDING", "rerank": "LLM_MODEL_RERANK"}
@@ -31,6 +32,34 @@ def retrieval_slot(registry: ModelRegistry, model: str, kind: str) -> Slot:
             param="model",
         )
     return slot
+
+
+def start_request(
+    registry: ModelRegistry,
+    tracer: Tracer,
+    *,
+    model: str,
+    kind: str,
+    request_id: str,
+    record: RequestRecord | None,
+    input: Any,
+    parameters: dict[str, Any],
+) -> tuple[Slot, Trace]:
+    """The slot of a retrieval request and its started trace. The slot goes into the request's
+    record first, so a request refused for the slot's kind counts under that slot."""
+    named = registry.find(model)
+    if record is not None:
+        record.slot = named.name
+    slot = retrieval_slot(registry, model, kind)
+    trace = tracer.start_retrieval(
+        request_id=request_id,
+        slot=slot.name,
+        model_id=slot.config.model_id,
+        operation=kind,
+        input=input,
+        parameters=parameters,
+    )
+    return slot, trace
 
 
 @dataclass
