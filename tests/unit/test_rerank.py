@@ -66,7 +66,7 @@ async def test_results_sorted_by_score_in_one_batch(reranker: App, path: str) ->
     assert results[0]["index"] == 3 and results[-1]["index"] == 0  # "france": all words in the query
     assert all(r["document"]["text"] == DOCUMENTS[r["index"]] for r in results)
     # A pair's tokens are the query's words and the document's (the fake's tokenizer).
-    assert body["usage"] == {"prompt_tokens": 3 * 4 + 3 + 5 + 3 + 1, "total_tokens": 24}
+    assert body["usage"] == {"prompt_tokens": 3 * 4 + 3 + 6 + 3 + 1, "total_tokens": 25}
     assert reranker.batches() == [4]
 
 
@@ -137,7 +137,7 @@ async def test_metrics_count_requests_documents_and_tokens(reranker: App) -> Non
     await reranker.rerank({"model": "nope"}, status=404)
     text = (await reranker.client.get("/metrics")).text
     assert metric(text, "llm_rerank_documents_total", model="rerank") == 4
-    assert metric(text, "llm_rerank_tokens_total", model="rerank") == 24
+    assert metric(text, "llm_rerank_tokens_total", model="rerank") == 25
     assert metric(text, "llm_rerank_duration_seconds_count", model="rerank") == 1
     assert metric(text, "llm_requests_total", model="rerank", status="success", code="200") == 1
     assert metric(text, "llm_requests_total", model="rerank", status="invalid", code="400") == 1
@@ -188,6 +188,6 @@ async def test_trace_has_counts_and_tokens_and_the_error() -> None:
     assert result.trace_id == ok.trace_id and len(result.ranked) == 2
     assert ok.started["operation"] == "rerank" and ok.started["parameters"] == {"documents": 4, "top_n": 2}
     assert ok.started["input"] == {"query": QUERY, "documents": DOCUMENTS}
-    assert ok.ended is not None and ok.ended["prompt_tokens"] == 24 and ok.ended["outcome"] == "success"
+    assert ok.ended is not None and ok.ended["prompt_tokens"] == 25 and ok.ended["outcome"] == "success"
     assert failed.ended is not None and failed.ended["outcome"] == "invalid"
     assert "empty" in failed.ended["error"]
