@@ -191,3 +191,16 @@ async def test_trace_has_counts_and_tokens_and_the_error() -> None:
     assert ok.ended is not None and ok.ended["prompt_tokens"] == 25 and ok.ended["outcome"] == "success"
     assert failed.ended is not None and failed.ended["outcome"] == "invalid"
     assert "empty" in failed.ended["error"]
+
+
+def test_rerank_slot_is_planned_with_the_others_and_starts_the_pooling_runner() -> None:
+    from llm_service.engines.vllm import VLLMEngine
+    from llm_service.settings import DEMO_MODEL_DIR
+    from llm_service.slot_config import build_slot_configs
+
+    configs = [config for config, _ in build_slot_configs(fake_settings(**RERANK).llm, "cpu", 8 * GIB)]
+    assert [(c.slot, c.kind) for c in configs][-1] == ("rerank", "rerank")
+    rerank = configs[-1]
+    assert rerank.memory_share == 0.2 and rerank.max_model_len == 12
+    demo = str(DEMO_MODEL_DIR.resolve())  # engine arguments resolve the model: a local one
+    assert VLLMEngine(dataclasses.replace(rerank, model_id=demo)).engine_args().runner == "pooling"
