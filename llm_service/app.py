@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from llm_service import __version__
 from llm_service.admission import AdmissionController, AdmissionLimits, AdmissionPolicy
-from llm_service.api import admin, embeddings, generate, health, openai
+from llm_service.api import admin, embeddings, generate, health, openai, rerank
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
 from llm_service.api_keys import ApiKeys
@@ -30,6 +30,7 @@ from llm_service.metrics import Metrics
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState
 from llm_service.registry.memory import DeviceMemory, FreeMemory
 from llm_service.request_metrics import RequestAccounting, generation_paths
+from llm_service.rerank import RerankService
 from llm_service.settings import Settings
 from llm_service.slot_config import build_slot_configs
 from llm_service.tracing import build_tracer
@@ -138,7 +139,9 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 namespace=settings.llm.cache_namespace,
                 ttl=settings.llm.cache_ttl_seconds,
                 max_inputs=settings.llm.embedding_max_inputs,
+                tracer=tracer,
             ),
+            rerank=RerankService(registry, metrics, max_documents=settings.llm.rerank_max_documents, tracer=tracer),
             api_keys=ApiKeys(settings.llm.api_key_set()),
             drain=drain,
         )
@@ -170,11 +173,14 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.app.max_body_bytes, drain=drain)
-    app.add_middleware(RequestAccounting, paths=generation_paths([generate.router, openai.router]))
+    app.add_middleware(
+        RequestAccounting, paths=generation_paths([generate.router, openai.router, embeddings.router, rerank.router]),
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(generate.router, dependencies=[ApiKeyDep])
     app.include_router(health.router)
     app.include_router(openai.router, dependencies=[ApiKeyDep])
     app.include_router(admin.router, dependencies=[ApiKeyDep])
     app.include_router(embeddings.router, dependencies=[ApiKeyDep])
+    app.include_router(rerank.router, dependencies=[ApiKeyDep])
     return app

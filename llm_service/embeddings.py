@@ -17,6 +17,9 @@ from llm_service.engines.base import Embedder, EngineConfig
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
+from llm_service.request_metrics import RequestRecord
+from llm_service.retrieval import start_request, traced
+from llm_service.tracing import NoTracer, Tracer
 
 EMBEDDING_SCHEMA_VERSION = 1
 # A token-id input (OpenAI's list of ints) or a text.
@@ -52,6 +55,7 @@ class Embedding:
 class EmbeddingResult:
     slot: str
     embeddings: list[Embedding]
+    trace_id: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -103,8 +107,10 @@ class EmbeddingService:
         namespace: str,
         ttl: int,
         max_inputs: int,
+        tracer: Tracer | None = None,
     ) -> None:
         self._registry = registry
+        self._tracer = tracer or NoTracer()
         self._metrics = metrics
         self._cache = cache
         self._cache_enabled = cache_enabled
@@ -121,40 +127,49 @@ class EmbeddingService:
         *,
         read_cache: bool = True,
         store_cache: bool = True,
+        record: RequestRecord | None = None,
     ) -> EmbeddingResult:
-        slot = self._registry.find(model)
+        slot, trace = start_request(
+            self._registry,
+            self._tracer,
+            model=model,
+            kind="embedding",
+            request_id=request_id,
+            record=record,
+            input=inputs,
+            parameters={"inputs": len(inputs), "dimensions": dimensions},
+        )
         config = slot.config
-        if config.kind != "embedding":
-            raise InvalidRequest(
-                f"model {model!r} is a {config.kind} model, not an embedding model; "
-                f"embedding models: {self.embedding_slots() or 'none (set LLM_MODEL_EMBEDDING)'}",
-                param="model",
-            )
-        check_inputs(inputs, self.max_inputs)
         started = time.monotonic()
-        read = read_cache and self._cache_enabled
-        keys = [embedding_key(self._namespace, config, item, dimensions) for item in inputs]
-        found = await self._cache.get_many(keys, slot.name) if read else [None] * len(inputs)
-        results: list[Embedding | None] = [Embedding.decode(data) if data else None for data in found]
-        missing = [index for index, result in enumerate(results) if result is None]
-        if missing:
-            try:
-                fresh = await self._embed_on_engine(slot.name, config, inputs, missing, dimensions, request_id)
-            except Exception as exc:  # engine failures and rejected inputs, as the client sees them
-                raise to_service_error(exc) from exc
-            for index, embedding in zip(missing, fresh, strict=True):
-                results[index] = embedding
-            if store_cache and self._cache_enabled:
-                await self._cache.set_many(
-                    {keys[i]: e.encode() for i, e in zip(missing, fresh, strict=True)}, self._ttl, slot.name
-                )
-        done = [r for r in results if r is not None]
+        with traced(trace) as summary:
+            check_inputs(inputs, self.max_inputs)
+            read = read_cache and self._cache_enabled
+            keys = [embedding_key(self._namespace, config, item, dimensions) for item in inputs]
+            found = await self._cache.get_many(keys, slot.name) if read else [None] * len(inputs)
+            results: list[Embedding | None] = [Embedding.decode(data) if data else None for data in found]
+            missing = [index for index, result in enumerate(results) if result is None]
+            if missing:
+                try:
+                    fresh = await self._embed_on_engine(slot.name, config, inputs, missing, dimensions, request_id)
+                except Exception as exc:  # engine failures and rejected inputs, as the client sees them
+                    raise to_service_error(exc) from exc
+                for index, embedding in zip(missing, fresh, strict=True):
+                    results[index] = embedding
+                if store_cache and self._cache_enabled:
+                    await self._cache.set_many(
+                        {keys[i]: e.encode() for i, e in zip(missing, fresh, strict=True)}, self._ttl, slot.name
+                    )
+            done = [r for r in results if r is not None]
+            hits = len(done) - len(missing)
+            summary.tokens = sum(e.tokens for e in done)
+            summary.cache = "bypass" if not read else "hit" if not missing else "miss"
+            summary.details = {"inputs": len(done), "cache_hits": hits}
         m = self._metrics
         m.embedding_inputs.labels(model=slot.name).inc(len(done))
-        m.embedding_cache_hits.labels(model=slot.name).inc(len(done) - len(missing))
+        m.embedding_cache_hits.labels(model=slot.name).inc(hits)
         m.embedding_cache_misses.labels(model=slot.name).inc(len(missing))
         m.embedding_duration.labels(model=slot.name).observe(time.monotonic() - started)
-        return EmbeddingResult(slot.name, done)
+        return EmbeddingResult(slot.name, done, trace.trace_id)
 
     async def _embed_on_engine(
         self,
@@ -183,6 +198,3 @@ class EmbeddingService:
         self._metrics.embedding_tokens.labels(model=slot).inc(sum(len(ids) for ids in token_ids))
         # float32, as stored: a vector from the cache is the same as a fresh one, bit for bit.
         return [Embedding(array("f", v).tolist(), len(ids)) for v, ids in zip(vectors, token_ids, strict=True)]
-
-    def embedding_slots(self) -> list[str]:
-        return [n for n in self._registry.slot_names if self._registry.slot(n).config.kind == "embedding"]

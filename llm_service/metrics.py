@@ -127,6 +127,20 @@ class Metrics:
             "llm_embedding_cache_misses", "Embedding inputs the engine embedded (not in the cache).", ["model"],
             registry=r,
         )
+        self.rerank_documents = Counter(
+            "llm_rerank_documents", "Documents scored against a query by a rerank slot.", ["model"], registry=r
+        )
+        self.rerank_tokens = Counter(
+            "llm_rerank_tokens", "Tokens of the (query, document) pairs a rerank slot's engine scored.", ["model"],
+            registry=r,
+        )
+        self.rerank_duration = Histogram(
+            "llm_rerank_duration_seconds",
+            "Time of one successful /v1/rerank request (its _count: rerank requests served).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.requests_waiting = Gauge(
             "llm_requests_waiting",
             "Admitted requests not yet running: waiting for the slot to load or queued beyond what "
@@ -179,6 +193,9 @@ class Metrics:
             self.embedding_duration,
             self.embedding_cache_hits,
             self.embedding_cache_misses,
+            self.rerank_documents,
+            self.rerank_tokens,
+            self.rerank_duration,
             self.requests_waiting,
             self.requests_running,
             self.engine_requests,

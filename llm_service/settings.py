@@ -18,8 +18,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
-# Retrieval slots: off unless their model is set (LLM_MODEL_EMBEDDING); kind = the slot's name.
-RETRIEVAL_SLOTS: tuple[str, ...] = ("embedding",)
+# Retrieval slots: off unless their model is set (LLM_MODEL_EMBEDDING, LLM_MODEL_RERANK); kind = the slot's name.
+RETRIEVAL_SLOTS: tuple[str, ...] = ("embedding", "rerank")
 
 # Published AWQ (4-bit) builds of the deployment guide's three models.
 PRODUCTION_MODELS: dict[str, str] = {
@@ -34,11 +34,15 @@ GUIDE_MODEL_ALIASES: dict[str, str] = {
     "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
     "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
 }
-DEFAULT_MAX_MODEL_LEN: dict[str, int] = {"standard": 8192, "longctx": 32768, "multimodal": 8192, "embedding": 2048}
+DEFAULT_MAX_MODEL_LEN: dict[str, int] = {
+    "standard": 8192, "longctx": 32768, "multimodal": 8192, "embedding": 2048, "rerank": 2048,
+}
 # Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
 # The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
 DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
+# The rerank slot's demo: a cross-encoder made of the demo model (`python -m llm_service.demo_model --rerank`).
+DEMO_RERANK_DIR = Path("models/SmolLM2-135M-Reranker")
 
 
 class SettingsError(ValueError):
@@ -123,6 +127,10 @@ class LLMSettings(BaseSettings):
     model_embedding: str | None = Field(
         None, description="Model id or local path of the embedding slot (/v1/embeddings); unset: no such slot."
     )
+    model_rerank: str | None = Field(
+        None,
+        description="Model id or local path of the rerank slot (/v1/rerank), a cross-encoder; unset: no such slot.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto picks cuda when a GPU is visible, else cpu."
     )
@@ -151,6 +159,16 @@ class LLMSettings(BaseSettings):
     )
     embedding_max_inputs: int = Field(
         2048, ge=1, description="Most inputs one /v1/embeddings request may carry (400 past it)."
+    )
+    max_model_len_rerank: int | None = Field(
+        None, gt=0, description="Longest (query, document) pair of rerank, in tokens."
+    )
+    memory_share_rerank: float | None = Field(None, gt=0, le=1, description="Budget share of rerank.")
+    engine_args_rerank: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="JSON object of extra vLLM engine arguments for rerank."
+    )
+    rerank_max_documents: int = Field(
+        1000, ge=1, description="Most documents one /v1/rerank request may carry (400 past it)."
     )
     engine_args_standard: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict, description="JSON object of extra vLLM engine arguments for standard."
@@ -306,7 +324,12 @@ class LLMSettings(BaseSettings):
         return list(dict.fromkeys(value))
 
     @field_validator(
-        "engine_args_standard", "engine_args_longctx", "engine_args_multimodal", "engine_args_embedding", mode="before"
+        "engine_args_standard",
+        "engine_args_longctx",
+        "engine_args_multimodal",
+        "engine_args_embedding",
+        "engine_args_rerank",
+        mode="before",
     )
     @classmethod
     def _json_object(cls, value: Any) -> Any:

@@ -31,7 +31,7 @@ log = structlog.get_logger(__name__)
 
 
 def slot_kind(slot: str) -> str:
-    """What a slot serves: "generate" for the generation slots, else its own name ("embedding")."""
+    """What a slot serves: "generate" for the generation slots, else its own name ("embedding", "rerank")."""
     return slot if slot in RETRIEVAL_SLOTS else "generate"
 
 

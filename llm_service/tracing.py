@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 from langfuse import Langfuse, propagate_attributes
@@ -47,6 +47,7 @@ class Trace(Protocol):
         cache: str,
         outcome: str,
         error: str | None,
+        details: dict[str, Any] | None = None,
     ) -> None: ...
 
 
@@ -62,6 +63,13 @@ class Tracer(Protocol):
         input: Any,
         sampling: SamplingOptions,
     ) -> Trace: ...
+
+    def start_retrieval(
+        self, *, request_id: str, slot: str, model_id: str, operation: str, input: Any, parameters: dict[str, Any]
+    ) -> Trace:
+        """A trace of an embeddings or rerank request (`operation` "embedding" or "rerank"): counts
+        and tokens, `input` (the texts) only when content is captured, never the vectors."""
+        ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -82,6 +90,9 @@ class NoTracer:
     """The tracer when LANGFUSE_ENABLED=false."""
 
     def start(self, **_: Any) -> Trace:
+        return NO_TRACE
+
+    def start_retrieval(self, **_: Any) -> Trace:
         return NO_TRACE
 
     def health(self) -> dict[str, Any]:
@@ -202,7 +213,9 @@ class LangfuseTrace:
         cache: str,
         outcome: str,
         error: str | None,
+        details: dict[str, Any] | None = None,
     ) -> None:
+        """`details`: more metadata (a retrieval request's counts)."""
         try:
             update: dict[str, Any] = {
                 "usage_details": {
@@ -210,7 +223,7 @@ class LangfuseTrace:
                     "output": completion_tokens,
                     "total": prompt_tokens + completion_tokens,
                 },
-                "metadata": {"cache": cache, "outcome": outcome},
+                "metadata": {"cache": cache, "outcome": outcome, **(details or {})},
             }
             if time_to_first_token is not None:
                 first_token = self._started + time_to_first_token
@@ -260,18 +273,38 @@ class LangfuseTracer:
     def start(
         self, *, request_id: str, slot: str, model_id: str, input: Any, sampling: SamplingOptions
     ) -> Trace:
+        parameters = model_parameters(sampling)
+        return self._observe(OBSERVATION_NAME, "generation", request_id, slot, model_id, input, parameters)
+
+    def start_retrieval(
+        self, *, request_id: str, slot: str, model_id: str, operation: str, input: Any, parameters: dict[str, Any]
+    ) -> Trace:
+        # Langfuse has an "embedding" observation type; a rerank is a generation-like call named "rerank".
+        as_type: Literal["generation", "embedding"] = "embedding" if operation == "embedding" else "generation"
+        return self._observe(operation, as_type, request_id, slot, model_id, input, parameters)
+
+    def _observe(
+        self,
+        name: str,
+        as_type: Literal["generation", "embedding"],
+        request_id: str,
+        slot: str,
+        model_id: str,
+        input: Any,
+        parameters: dict[str, Any],
+    ) -> Trace:
         try:
             ids = {"request_id": request_id, "slot": slot}
             with propagate_attributes(trace_name=TRACE_NAME, metadata=ids):
-                generation = self._client.start_observation(
-                    name=OBSERVATION_NAME,
-                    as_type="generation",
+                observation = self._client.start_observation(
+                    name=name,
+                    as_type=as_type,
                     model=model_id,
-                    model_parameters=model_parameters(sampling),
+                    model_parameters=parameters,
                     input=input if self._capture else None,
                     metadata=ids,
                 )
-            return LangfuseTrace(generation, self._capture)
+            return LangfuseTrace(observation, self._capture)
         except Exception as exc:
             log.warning("trace_start_failed", error=str(exc))
             return NO_TRACE

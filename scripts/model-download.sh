@@ -4,7 +4,8 @@
 #
 # Usage: model-download.sh [--slots standard,longctx,multimodal] [--revision REV] [--dry-run] [--help]
 #
-#   --slots LIST     comma-separated slots to fetch (default: all three)
+#   --slots LIST     comma-separated slots to fetch (default: the three generation slots, plus
+#                    embedding and rerank when their model is set)
 #   --revision REV   branch, tag or commit to fetch for every slot (default: main)
 #   --dry-run        print slot, model id and target directory of each download; fetch nothing
 #   -h, --help       this text
@@ -13,6 +14,8 @@
 #   LLM_MODEL_STANDARD, LLM_MODEL_LONGCTX, LLM_MODEL_MULTIMODAL
 #                    model id of each slot (default: published AWQ builds of the deployment guide's
 #                    models; the guide's own ids are aliases of them); a local path is skipped
+#   LLM_MODEL_EMBEDDING, LLM_MODEL_RERANK
+#                    model id of the optional retrieval slots; unset: the slot is off, nothing fetched
 #   HF_HOME          Hugging Face home; files go to $HF_HOME/hub (default: ~/.cache/huggingface)
 #   HF_HUB_CACHE     the hub cache directory itself, if not $HF_HOME/hub
 #   HF_TOKEN         access token, needed for gated models (Llama, Gemma): accept the licence on
@@ -29,6 +32,8 @@
 set -euo pipefail
 
 readonly ALL_SLOTS="standard,longctx,multimodal"
+# Slots that exist only when their model is set (llm_service.settings.RETRIEVAL_SLOTS).
+readonly RETRIEVAL_SLOTS="embedding,rerank"
 # The service's default models; keep in step with llm_service.settings.PRODUCTION_MODELS.
 readonly DEFAULT_MODEL_STANDARD="hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4"
 readonly DEFAULT_MODEL_LONGCTX="casperhansen/mistral-nemo-instruct-2407-awq"
@@ -53,7 +58,7 @@ die() {
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
-slots="$ALL_SLOTS"
+slots=""
 revision="main"
 dry_run=0
 while [ "$#" -gt 0 ]; do
@@ -84,6 +89,8 @@ configured_model() {
         standard) printf '%s' "${LLM_MODEL_STANDARD:-}" ;;
         longctx) printf '%s' "${LLM_MODEL_LONGCTX:-}" ;;
         multimodal) printf '%s' "${LLM_MODEL_MULTIMODAL:-}" ;;
+        embedding) printf '%s' "${LLM_MODEL_EMBEDDING:-}" ;;
+        rerank) printf '%s' "${LLM_MODEL_RERANK:-}" ;;
         *) return 1 ;;
     esac
 }
@@ -95,6 +102,7 @@ model_for() {
         standard) resolve_alias "${configured:-$DEFAULT_MODEL_STANDARD}" ;;
         longctx) resolve_alias "${configured:-$DEFAULT_MODEL_LONGCTX}" ;;
         multimodal) resolve_alias "${configured:-$DEFAULT_MODEL_MULTIMODAL}" ;;
+        *) printf '%s' "$configured" ;; # a retrieval slot: its model, or empty when off
     esac
 }
 
@@ -106,6 +114,9 @@ alias_note() {
         printf ' (alias %s)' "$configured"
     fi
 }
+
+# LLM_MODEL_<SLOT>, the variable that names a slot's model (no ${var^^}: macOS ships bash 3.2).
+model_var() { printf 'LLM_MODEL_%s' "$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"; }
 
 # A model value that names a directory on disk (as LLM_MODEL_* may) is served from there as it is.
 is_local_path() {
@@ -124,20 +135,27 @@ endpoint="${endpoint%/}"
 timeout="${MODEL_DOWNLOAD_TIMEOUT:-10}"
 case "$timeout" in '' | *[!0-9]*) die 2 "MODEL_DOWNLOAD_TIMEOUT must be a whole number of seconds" ;; esac
 
+# Default: every generation slot and each retrieval slot whose model is set.
+if [ -z "$slots" ]; then
+    slots="$ALL_SLOTS"
+    IFS=',' read -r -a retrieval <<<"$RETRIEVAL_SLOTS"
+    for slot in "${retrieval[@]}"; do
+        if [ -n "$(configured_model "$slot")" ]; then slots="$slots,$slot"; fi
+    done
+fi
+
 # The slots to fetch, validated and de-duplicated, in the order given.
 selected=()
 IFS=',' read -r -a requested <<<"$slots"
 for slot in "${requested[@]}"; do
     slot="${slot//[[:space:]]/}"
     [ -n "$slot" ] || continue
-    model_for "$slot" >/dev/null || die 2 "unknown slot '$slot' (slots: $ALL_SLOTS)"
+    model_for "$slot" >/dev/null || die 2 "unknown slot '$slot' (slots: $ALL_SLOTS,$RETRIEVAL_SLOTS)"
+    [ -n "$(model_for "$slot")" ] || die 2 "slot '$slot' is off: set $(model_var "$slot") to its model"
     case " ${selected[*]-} " in *" $slot "*) continue ;; esac
     selected+=("$slot")
 done
-[ "${#selected[@]}" -gt 0 ] || die 2 "no slot selected (slots: $ALL_SLOTS)"
-
-# LLM_MODEL_<SLOT>, the variable that names a slot's model (no ${var^^}: macOS ships bash 3.2).
-model_var() { printf 'LLM_MODEL_%s' "$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"; }
+[ "${#selected[@]}" -gt 0 ] || die 2 "no slot selected (slots: $ALL_SLOTS,$RETRIEVAL_SLOTS)"
 
 target_dir() { printf '%s/models--%s' "$hub_cache" "${1//\//--}"; }
 

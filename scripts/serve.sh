@@ -61,6 +61,12 @@ if [ -z "${LLM_MODEL_EMBEDDING+set}" ] && ! command -v nvidia-smi >/dev/null 2>&
   export LLM_MODEL_EMBEDDING=models/SmolLM2-135M-Instruct
   echo "serve: embedding slot on the demo model (LLM_MODEL_EMBEDDING= turns it off)" >&2
 fi
+# Likewise the rerank slot on the demo cross-encoder (random score head: its scores mean nothing).
+if [ -z "${LLM_MODEL_RERANK+set}" ] && ! command -v nvidia-smi >/dev/null 2>&1 \
+  && [ -f models/SmolLM2-135M-Reranker/config.json ]; then
+  export LLM_MODEL_RERANK=models/SmolLM2-135M-Reranker
+  echo "serve: rerank slot on the demo reranker (LLM_MODEL_RERANK= turns it off)" >&2
+fi
 
 # In the background so that a TERM reaches it through the trap; wait again after a signal.
 "$python" -m llm_service "$@" &

@@ -15,6 +15,7 @@ from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_metrics import RequestRecord, record_of
+from llm_service.rerank import RerankService
 from llm_service.settings import Settings
 from llm_service.tracing import NoTracer, Tracer
 
@@ -31,6 +32,7 @@ class Resources:
     cache: ResponseCache = field(default_factory=NoCache)
     tracer: Tracer = field(default_factory=NoTracer)
     embeddings: EmbeddingService | None = None  # None only in tests that build Resources by hand
+    rerank: RerankService | None = None  # the same
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys(frozenset()))
     drain: Drain = field(default_factory=Drain)
 

@@ -6,10 +6,10 @@ import base64
 from array import array
 from typing import Any, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, Field
 
-from llm_service.api.deps import RequestIdDep, ResourcesDep
+from llm_service.api.deps import RequestIdDep, RequestRecordDep, ResourcesDep
 from llm_service.cache_control import CacheControl
 from llm_service.embeddings import Embedding, EmbeddingInput
 from llm_service.errors import InvalidRequest
@@ -76,6 +76,8 @@ async def create_embeddings(
     body: EmbeddingRequest,
     resources: ResourcesDep,
     request_id: RequestIdDep,
+    record: RequestRecordDep,
+    response: Response,
     cache_control: str | None = Header(None, description="no-cache: embed every input again; no-store"),
 ) -> EmbeddingResponse:
     service = resources.embeddings
@@ -86,7 +88,10 @@ async def create_embeddings(
         body.model, request_inputs(body.input), body.dimensions, request_id,
         read_cache=not control.no_cache,
         store_cache=not control.no_store,
+        record=record,
     )
+    if result.trace_id:
+        response.headers["X-Trace-ID"] = result.trace_id
     return EmbeddingResponse(
         data=[
             EmbeddingData(index=i, embedding=_encoded(e, body.encoding_format)) for i, e in enumerate(result.embeddings)

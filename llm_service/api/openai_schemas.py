@@ -177,7 +177,9 @@ class ModelCard(BaseModel):
     model_id: str = Field(description="Model id (or path) the slot serves.")
     state: str = Field(description="unloaded, loading, loaded, unloading or failed.")
     max_model_len: int = Field(description="Context length of the slot in tokens.")
-    kind: str = Field("generate", description="generate (chat, completions) or embedding (/v1/embeddings).")
+    kind: str = Field(
+        "generate", description="generate (chat, completions), embedding (/v1/embeddings) or rerank (/v1/rerank)."
+    )
 
 
 class ModelList(BaseModel):

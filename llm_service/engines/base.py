@@ -47,7 +47,8 @@ class EngineConfig:
     aliases: tuple[str, ...] = ()
     images: ImageLimits = field(default_factory=ImageLimits)
     chat: ChatConfig = field(default_factory=ChatConfig)
-    # "generate" (chat and completions) or "embedding" (a pooling model behind /v1/embeddings).
+    # "generate" (chat and completions), "embedding" (a pooling model behind /v1/embeddings) or
+    # "rerank" (a cross-encoder behind /v1/rerank).
     kind: str = "generate"
 
 
@@ -208,6 +209,24 @@ class Embedder(Protocol):
     async def embed(self, request_id: str, inputs: list[list[int]], dimensions: int | None) -> list[list[float]]:
         """One vector per input, all submitted to the engine at once. Raises ValueError for
         inputs or dimensions the model cannot take, EngineDead/EngineError as generate() does."""
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """A (query, document) pair's relevance score and the tokens the model read for the pair."""
+
+    score: float
+    tokens: int
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """What an engine of a rerank slot adds: score many (query, document) pairs as one batch."""
+
+    async def rerank(self, request_id: str, query: str, documents: list[str]) -> list[PairScore]:
+        """One score per document, in order, all pairs submitted to the engine at once. Raises
+        ValueError for a pair the model cannot take (longer than max_model_len) before any pair
+        runs, EngineDead/EngineError as generate() does."""
 
 
 @runtime_checkable

@@ -13,6 +13,7 @@ from llm_service.engines.base import (
     GenerationDelta,
     GenerationRequest,
     InvalidImage,
+    PairScore,
     PromptInput,
     PromptTooLong,
     RenderedPrompt,
@@ -64,6 +65,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.request_ids: list[str] = []
         self.embed_batches: list[int] = []  # size of each embed() call
+        self.rerank_batches: list[int] = []  # documents of each rerank() call
         self._on_dead: Callable[[EngineDead], None] | None = None
 
     async def start(self) -> None:
@@ -209,6 +211,27 @@ class FakeEngine:
             norm = sum(x * x for x in raw) ** 0.5
             vectors.append([x / norm for x in raw])
         return vectors
+
+    async def rerank(self, request_id: str, query: str, documents: list[str]) -> list[PairScore]:
+        """A pair's score is the share of its document's words that are in the query; a pair's tokens
+        are the words of both. One call is one batch; a pair over max_model_len is a ValueError."""
+        if self.dead:
+            raise EngineDead("fake engine is dead")
+        if self.config.kind != "rerank":
+            raise ValueError(f"model {self.config.slot!r} is not a rerank model")
+        query_words = query.lower().split()
+        scores = []
+        for index, document in enumerate(documents):
+            words = document.lower().split()
+            tokens = len(query_words) + len(words)
+            if tokens > self.config.max_model_len:
+                raise ValueError(
+                    f"document {index} with the query has {tokens} tokens; the model takes at most "
+                    f"{self.config.max_model_len}"
+                )
+            scores.append(PairScore(sum(w in query_words for w in words) / max(1, len(words)), tokens))
+        self.rerank_batches.append(len(documents))
+        return scores
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

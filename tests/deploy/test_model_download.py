@@ -159,6 +159,19 @@ def test_dry_run_honours_slots_and_model_variables(env: dict[str, str], tmp_path
     assert "(local path, not downloaded)" in result.stdout
 
 
+def test_retrieval_slots_are_fetched_only_when_their_model_is_set(env: dict[str, str]) -> None:
+    rows = lambda result: [line.split()[0] for line in result.stdout.splitlines()[2:]]  # noqa: E731
+    assert rows(run(["--dry-run"], env)) == list(SLOTS)
+    env["LLM_MODEL_RERANK"] = "org/reranker"
+    result = run(["--dry-run"], env)
+    assert rows(result) == [*SLOTS, "rerank"] and "models--org--reranker" in result.stdout
+    env["LLM_MODEL_EMBEDDING"] = "org/embedder"
+    assert rows(run(["--dry-run", "--slots", "embedding"], env)) == ["embedding"]
+    del env["LLM_MODEL_EMBEDDING"]
+    off = run(["--dry-run", "--slots", "embedding"], env)
+    assert off.returncode == 2 and "set LLM_MODEL_EMBEDDING" in off.stderr
+
+
 def test_unknown_slot_and_argument_are_usage_errors(env: dict[str, str]) -> None:
     result = run(["--slots", "standard,huge"], env)
     assert result.returncode == 2 and "unknown slot 'huge'" in result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR, DEMO_RERANK_DIR
 
 from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
 
@@ -133,7 +133,10 @@ class ServiceProcess:
 def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> str:
     path = (ROOT / folder).resolve()
     if not (path / "config.json").exists():
-        pytest.fail(f"demo model missing at {path}: run `python -m llm_service.demo_model --multimodal` (make setup)")
+        pytest.fail(
+            f"demo model missing at {path}: run `python -m llm_service.demo_model --multimodal` "
+            "and `--rerank` (make setup)"
+        )
     return str(path)
 
 
@@ -180,6 +183,16 @@ def embedding_env() -> dict[str, str]:
     }
 
 
+def rerank_env() -> dict[str, str]:
+    """The demo rerank slot (the demo model with a random score head), as `make serve` has it."""
+    return {
+        "LLM_MODEL_RERANK": demo_model_path(DEMO_RERANK_DIR),
+        "LLM_MAX_MODEL_LEN_RERANK": "512",
+        "LLM_MEMORY_SHARE_RERANK": "0.1",
+        "LLM_ENGINE_ARGS_RERANK": KV_CACHE_ARGS,
+    }
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -203,6 +216,25 @@ def service_env(
 def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The shared real service: standard preloaded, longctx and multimodal lazy."""
     proc = ServiceProcess(service_env, tmp_path_factory.mktemp("service") / "service.log")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def retrieval_service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A service with only the retrieval slots loaded (embedding and rerank on the demo models),
+    shared by the embeddings, rerank and docs tests: two engine starts per session, not per suite."""
+    env = base_env(
+        **embedding_env(),
+        **rerank_env(),
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=str(redis_server.port),
+        LLM_PRELOAD_MODELS="embedding,rerank",
+        LLM_EMBEDDING_MAX_INPUTS="128",
+        LLM_RERANK_MAX_DOCUMENTS="64",
+    )
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("retrieval") / "service.log")
     proc.start()
     yield proc
     proc.stop()

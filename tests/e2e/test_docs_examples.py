@@ -27,6 +27,9 @@ from .conftest import ServiceProcess
 # What the docs test's service offers to blocks that declare `docs-test: needs X` (besides three
 # text slots on the demo model). Add a capability here once the service fixture has it.
 PROVIDED = frozenset({"cache"})
+# Capabilities of the retrieval service (tests/e2e/conftest.py), which the blocks that need them
+# run against: the session's embedding and rerank tests start it anyway.
+RETRIEVAL = frozenset({"embedding", "rerank"})
 # Only a way out of a hung block, never a measure of speed.
 HANG_GUARD_SECONDS = 1800
 # Every curl of a block fails on an HTTP error status, showing the body.
@@ -64,10 +67,11 @@ def key_tree(value: Any) -> Any:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
-def test_docs_example(block: Block, service: ServiceProcess, client: httpx.Client, tmp_path: Path) -> None:
+def test_docs_example(block: Block, request: pytest.FixtureRequest, client: httpx.Client, tmp_path: Path) -> None:
     if block.skip_reason:
         pytest.skip(f"{block.id}: {block.skip_reason}")
-    missing = sorted(set(block.mark("needs")) - PROVIDED)
+    needs = set(block.mark("needs"))
+    missing = sorted(needs - PROVIDED - RETRIEVAL)
     if missing:
         pytest.skip(f"{block.id}: needs {', '.join(missing)}, which the docs test service does not provide")
     for endpoint in block.mark("response-of"):
@@ -76,7 +80,9 @@ def test_docs_example(block: Block, service: ServiceProcess, client: httpx.Clien
         assert actual.status_code == 200, actual.text
         assert key_tree(shown) == key_tree(actual.json()), f"{block.id}: the fields shown differ from {endpoint}'s"
         return
-    result = run_block(block, service.base_url, tmp_path)
+    # Only the blocks that need a retrieval slot start (or share) the retrieval service.
+    target: ServiceProcess = request.getfixturevalue("retrieval_service" if needs & RETRIEVAL else "service")
+    result = run_block(block, target.base_url, tmp_path)
     output = result.stdout
     assert result.returncode == 0, f"{block.id} failed ({result.returncode}):\n{output}\n{result.stderr}"
     assert output.strip(), f"{block.id} printed nothing"

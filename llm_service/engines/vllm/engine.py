@@ -30,6 +30,7 @@ from llm_service.engines.base import (
     EngineError,
     GenerationDelta,
     GenerationRequest,
+    PairScore,
     PromptInput,
     PromptTooLong,
     RenderedPrompt,
@@ -37,7 +38,7 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
-from llm_service.engines.vllm.pooling import embed_batch, pooling_engine_args
+from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
@@ -91,6 +92,7 @@ class VLLMEngine:
         self.config = config
         self._llm: AsyncLLM | None = None
         self._renderer: PromptRenderer | None = None
+        self._scorer: PairScorer | None = None
         self._build: asyncio.Future[None] | None = None
         self._closed = False
         self._on_dead: Callable[[EngineDead], None] | None = None
@@ -171,7 +173,15 @@ class VLLMEngine:
                 await asyncio.to_thread(llm.shutdown)
                 multiprocessing.active_children()
                 raise EngineError(f"engine {self.config.slot} was shut down while starting")
-            self._renderer = PromptRenderer(llm, self.config)
+            try:
+                self._renderer = PromptRenderer(llm, self.config)
+                if self.config.kind == "rerank":
+                    check_cross_encoder(llm, self.config.slot)
+                    self._scorer = PairScorer(llm)
+            except Exception as exc:
+                await asyncio.to_thread(llm.shutdown)
+                multiprocessing.active_children()
+                raise EngineError(f"engine {self.config.slot} cannot serve: {exc}") from exc
             self._llm = llm
         finally:
             self._build = None
@@ -270,6 +280,16 @@ class VLLMEngine:
         except _VLLM_ERRORS as exc:
             raise _translated(exc, self.config.slot, request_id) from exc
 
+    async def rerank(self, request_id: str, query: str, documents: list[str]) -> list[PairScore]:
+        """Score every (query, document) pair as one batch (see pooling.py); errors as generate() maps them."""
+        self._engine()
+        if self._scorer is None:
+            raise ValueError(f"model {self.config.slot!r} is not a rerank model")
+        try:
+            return await self._scorer.score(request_id, query, documents)
+        except _VLLM_ERRORS as exc:
+            raise _translated(exc, self.config.slot, request_id) from exc
+
     def _logprobs(self, choice: CompletionOutput, top_n: int | None) -> tuple[TokenLogprob, ...]:
         if not choice.logprobs:
             return ()
@@ -355,6 +375,7 @@ class VLLMEngine:
             await asyncio.wait({self._build})
         llm, self._llm = self._llm, None
         self._renderer = None
+        self._scorer = None
         if llm is None:
             return
         started = time.monotonic()

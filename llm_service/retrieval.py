@@ -1,0 +1,100 @@
+"""What the retrieval services (embeddings, rerank) share: their slot by kind, and a trace per request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_service.errors import InvalidRequest, to_service_error
+from llm_service.registry import ModelRegistry, Slot
+from llm_service.request_metrics import RequestRecord
+from llm_service.tracing import Trace, Tracer
+
+# The setting that turns a retrieval slot on, named in the 400 for a model of the wrong kind.
+MODEL_SETTING = {"embedding": "LLM_MODEL_EMBEDDING", "rerank": "LLM_MODEL_RERANK"}
+
+
+def slots_of_kind(registry: ModelRegistry, kind: str) -> list[str]:
+    return [name for name in registry.slot_names if registry.slot(name).config.kind == kind]
+
+
+def retrieval_slot(registry: ModelRegistry, model: str, kind: str) -> Slot:
+    """The slot `model` names (404 if none), which must serve `kind` (400 otherwise)."""
+    slot = registry.find(model)
+    if slot.config.kind != kind:
+        served = slots_of_kind(registry, kind)
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise InvalidRequest(
+            f"model {model!r} is a {slot.config.kind} model, not {article} {kind} model; "
+            f"{kind} models: {', '.join(served) if served else f'none (set {MODEL_SETTING[kind]})'}",
+            param="model",
+        )
+    return slot
+
+
+def start_request(
+    registry: ModelRegistry,
+    tracer: Tracer,
+    *,
+    model: str,
+    kind: str,
+    request_id: str,
+    record: RequestRecord | None,
+    input: Any,
+    parameters: dict[str, Any],
+) -> tuple[Slot, Trace]:
+    """The slot of a retrieval request and its started trace. The slot goes into the request's
+    record first, so a request refused for the slot's kind counts under that slot."""
+    named = registry.find(model)
+    if record is not None:
+        record.slot = named.name
+    slot = retrieval_slot(registry, model, kind)
+    trace = tracer.start_retrieval(
+        request_id=request_id,
+        slot=slot.name,
+        model_id=slot.config.model_id,
+        operation=kind,
+        input=input,
+        parameters=parameters,
+    )
+    return slot, trace
+
+
+@dataclass
+class TraceSummary:
+    """What a retrieval request's trace ends with; the service fills it in as it goes."""
+
+    tokens: int = 0
+    cache: str = "bypass"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def traced(trace: Trace) -> Iterator[TraceSummary]:
+    """End `trace` once when the block ends: success, or the error the client sees (or cancelled)."""
+    summary = TraceSummary()
+    outcome, error = "success", None
+    try:
+        yield summary
+    except Exception as exc:
+        service_error = to_service_error(exc)
+        outcome = "invalid" if service_error.status_code < 500 else "error"
+        error = service_error.message
+        service_error.trace_id = trace.trace_id
+        raise
+    except BaseException:
+        outcome, error = "cancelled", "the client went away"
+        raise
+    finally:
+        trace.end(
+            outputs=[],
+            prompt_tokens=summary.tokens,
+            completion_tokens=0,
+            time_to_first_token=None,
+            cache=summary.cache,
+            outcome=outcome,
+            error=error,
+            details=summary.details,
+        )
