@@ -90,6 +90,8 @@ FULL = Plan(
     generate_workloads=("short-chat",),
     other_levels=(1, 8),
     cache_requests=1000,
+    hol_streams=2,
+    hol_stream_tokens=64,
     hol_rag_prompts=2,
 )
 # Under 5 minutes: engine starts take about 2 of them, so one engine in ours (RAG on `standard`),
