@@ -34,7 +34,7 @@ from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, t
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
-from llm_service.request_metrics import RequestRecord
+from llm_service.request_record import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
