@@ -17,7 +17,7 @@ from llm_service.engines.base import Embedder, EngineConfig
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
-from llm_service.request_metrics import RequestRecord
+from llm_service.request_record import RequestRecord
 from llm_service.retrieval import start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 

@@ -34,7 +34,7 @@ from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, t
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
-from llm_service.request_metrics import RequestRecord
+from llm_service.request_record import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
 log = structlog.get_logger(__name__)
@@ -283,6 +283,8 @@ class GenerationService:
         self.default_max_tokens = default_max_tokens
         self.coalescer = coalescer  # None: no response cache, no coalescing
         self.tracer = tracer or NoTracer()
+        # cache_key_extra of each slot's chat configuration, made once: the same for all its requests.
+        self._chat_key_material: dict[ChatConfig, dict[str, Any] | None] = {}
 
     async def open(self, spec: GenerationSpec) -> GenerationStream:
         """Acquire the slot, render and check the prompt, start the engine, await the first delta.
@@ -298,6 +300,14 @@ class GenerationService:
                 return await self._open(spec, slot.name)
         except TimeoutError as exc:
             raise self.deadline_passed(slot.name) from exc
+
+    def _slot_key_material(self, chat: ChatConfig) -> dict[str, Any] | None:
+        """cache_key_extra(chat), computed on a slot's first cacheable request and kept."""
+        try:
+            return self._chat_key_material[chat]
+        except KeyError:
+            material = self._chat_key_material[chat] = cache_key_extra(chat)
+            return material
 
     def deadline_passed(self, slot: str) -> DeadlineExceeded:
         """The error of a request past its deadline (its engine request is aborted by then)."""
@@ -326,7 +336,7 @@ class GenerationService:
         if coalescer is not None and images.cacheable:
             plan = coalescer.policy.plan(
                 spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
-                extra=_key_extra(spec, images, slot.config.chat),
+                extra=_key_extra(spec, images, self._slot_key_material(slot.config.chat)),
             )
         if coalescer is None or plan is None:
             return await self._opened(stream, self._start(stream, spec))
@@ -445,9 +455,12 @@ def _trace_input(spec: GenerationSpec, images: RequestImages) -> Any:
     return spec.prompt
 
 
-def _key_extra(spec: GenerationSpec, images: RequestImages, chat: ChatConfig) -> dict[str, Any] | None:
+def _key_extra(
+    spec: GenerationSpec, images: RequestImages, slot_material: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """Cache key material beyond prompt and messages: token ids, images beside a prompt, tools,
-    and the slot's chat template and tool parser (they change the prompt and the parsed output)."""
+    and the slot's (`slot_material`, its cache_key_extra: the chat template and tool parser change
+    the prompt and the parsed output)."""
     extra: dict[str, Any] = {}
     if spec.token_ids is not None:
         extra["token_ids"] = list(spec.token_ids)
@@ -455,7 +468,7 @@ def _key_extra(spec: GenerationSpec, images: RequestImages, chat: ChatConfig) ->
         extra["images"] = images.summaries()
     if spec.tools:
         extra["tools"] = {"tools": spec.tools, "choice": spec.tool_choice, "parallel": spec.parallel_tool_calls}
-    return {**extra, **(cache_key_extra(chat) or {})} or None
+    return {**extra, **(slot_material or {})} or None
 
 
 def cache_key_extra(chat: ChatConfig) -> dict[str, Any] | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_service.request_record import RequestRecord
 
 # nginx's "client closed request": the client left before the response ended.
 CLIENT_CLOSED = 499
@@ -18,17 +19,6 @@ REQUEST_STATUSES = (
     "success", "invalid", "unauthorized", "not_found", "overloaded", "cancelled", "unavailable", "error",
 )
 _SCOPE_KEY = "request_record"
-
-
-@dataclass
-class RequestRecord:
-    """What handling one request learned, read when its response ends."""
-
-    slot: str | None = None  # the slot it named, once known
-    failure: int | None = None  # status of an error that ended it after the response began (in-band)
-
-    def failed(self, status_code: int) -> None:
-        self.failure = status_code
 
 
 def record_of(scope: Scope) -> RequestRecord:

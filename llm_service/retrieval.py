@@ -9,7 +9,7 @@ from typing import Any
 
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.registry import ModelRegistry, Slot
-from llm_service.request_metrics import RequestRecord
+from llm_service.request_record import RequestRecord
 from llm_service.tracing import Trace, Tracer
 
 # The setting that turns a retrieval slot on, named in the 400 for a model of the wrong kind.

@@ -21,16 +21,3 @@ def envelope_check(ctx, response, case) -> None:
         assert "retry-after" in {k.lower() for k in response.headers}, "429/503 without Retry-After"
     return None
 
-
-@schemathesis.check
-def no_server_error_but_own_deadline(ctx, response, case) -> None:
-    """No 5xx, except the 504 of a request that ran past the timeout the fuzzer itself sent
-    (X-Request-Timeout): that one is the documented answer, not a failure."""
-    if response.status_code < 500:
-        return None
-    body = json.loads(response.content)
-    error_type = body.get("error", {}).get("type") if isinstance(body, dict) else None
-    assert response.status_code == 504 and error_type == "timeout", (
-        f"server error {response.status_code}: {response.content[:300]!r}"
-    )
-    return None

@@ -16,9 +16,10 @@ from typing import Any
 
 import promql_parser
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_service.metrics import CACHE_OPERATIONS
+from llm_service.metrics import CACHE_OPERATIONS, Metrics
 from llm_service.request_metrics import REQUEST_STATUSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,37 +164,61 @@ def all_references() -> list[Reference]:
     return references
 
 
+def declared_labels(registry: CollectorRegistry) -> dict[str, frozenset[str]]:
+    """Every name a collector of `registry` exposes (family and series) -> the label names it declares
+    (a histogram's buckets also `le`). prometheus_client has no public accessor for them."""
+    declared: dict[str, frozenset[str]] = {}
+    for collector, names in registry._collector_to_names.items():
+        labelnames = frozenset(getattr(collector, "_labelnames", ()))
+        for name in names:
+            declared[name] = labelnames | ({"le"} if name.endswith("_bucket") else frozenset())
+    return declared
+
+
 @dataclass
 class Exposition:
-    """The series of one /metrics text: sample name -> label names and values seen."""
+    """The series of one /metrics text: sample name -> label names and values seen; and the metrics
+    the text declares (HELP and TYPE) with no series yet, with the label names their collectors declare."""
 
     labels: dict[str, dict[str, set[str]]]
+    unseen: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> Exposition:
+    def parse(cls, text: str, declared: dict[str, frozenset[str]] | None = None) -> Exposition:
+        """`declared`: declared_labels of the service's collectors (by default a fresh Metrics', whose
+        collectors and label names are the service's)."""
+        if declared is None:
+            declared = declared_labels(Metrics().registry)
         labels: dict[str, dict[str, set[str]]] = {}
+        unseen: dict[str, frozenset[str]] = {}
         for family in text_string_to_metric_families(text):
-            # A labelled metric with no series yet (an embedding slot's, when none is configured) is
-            # still declared by its HELP and TYPE lines: it exists, with no labels seen.
-            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ())
-            for key in (family.name, *(family.name + suffix for suffix in suffixes)):
-                labels.setdefault(key, {})
+            if not family.samples:
+                # A labelled metric with no series yet (an embedding slot's, when none is configured)
+                # exists if a collector of the service declares it; its labels are that collector's.
+                suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ())
+                for key in (family.name, *(family.name + suffix for suffix in suffixes)):
+                    if key in declared:
+                        unseen[key] = declared[key]
             for sample in family.samples:
                 # A histogram is named by its family in the docs, by its series in queries.
                 for key in {sample.name, family.name}:
                     seen = labels.setdefault(key, {})
                     for name, value in sample.labels.items():
                         seen.setdefault(name, set()).add(value)
-        return cls(labels)
+        return cls(labels, unseen)
 
     def problems(self, ref: Reference, declared: dict[tuple[str, str], set[str]]) -> list[str]:
         """What `ref` uses that this exposition lacks; `declared` holds the label values a metric
         can take beyond those it shows now (a status no request has had yet)."""
         where = f"{ref.source}: {ref.expression!r}"
-        if ref.metric not in self.labels:
+        have = self.labels.get(ref.metric)
+        if have is not None:
+            names = set(have)
+        elif ref.metric in self.unseen:  # declared, no series yet: its collector's labels, no values seen
+            have, names = {}, set(self.unseen[ref.metric])
+        else:
             return [f"{where}: no metric {ref.metric} in /metrics"]
-        have = self.labels[ref.metric]
-        found = [f"{where}: {ref.metric} has no label {label!r}" for label in sorted(ref.labels - set(have))]
+        found = [f"{where}: {ref.metric} has no label {label!r}" for label in sorted(ref.labels - names)]
         family = re.sub(r"_(total|bucket|sum|count|created)$", "", ref.metric)
         for label, values in ref.values.items():
             possible = have.get(label, set()) | declared.get((family, label), set())

@@ -14,7 +14,8 @@ from llm_service.embeddings import EmbeddingService
 from llm_service.generation import GenerationService
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
-from llm_service.request_metrics import RequestRecord, record_of
+from llm_service.request_metrics import record_of
+from llm_service.request_record import RequestRecord
 from llm_service.rerank import RerankService
 from llm_service.settings import Settings
 from llm_service.tracing import NoTracer, Tracer

@@ -4,11 +4,16 @@ work with 503 and reports not ready, while requests in flight finish."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+
+from llm_service.drain import Drain
 
 from .app_client import build_app, running
 
@@ -57,14 +62,24 @@ async def test_disconnect_aborts_the_engine_request_at_once(path, stream):
         assert application.state.resources.registry.slot("standard").in_flight == 0
 
 
-async def test_draining_service_refuses_new_work_and_is_not_ready():
-    application, _factory = build_app(engine={"token_delay": 0.2})
+@contextlib.asynccontextmanager
+async def draining(
+    token_delay: float, prompt: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, Drain, asyncio.Task[httpx.Response]]]:
+    """The app with one /generate request in flight when the drain begins: its client, the drain and
+    the request's task."""
+    application, _ = build_app(engine={"token_delay": token_delay})
     async with running(application) as client:
-        in_flight = asyncio.create_task(client.post("/generate", json={"prompt": "a b c"}))
+        in_flight = asyncio.create_task(client.post("/generate", json={"prompt": prompt}))
         await asyncio.sleep(0.1)
         drain = application.state.drain
         assert drain.in_flight == 1
         drain.begin()
+        yield client, drain, in_flight
+
+
+async def test_draining_service_refuses_new_work_and_is_not_ready():
+    async with draining(token_delay=0.2, prompt="a b c") as (client, drain, in_flight):
         r = await client.get("/health/ready")
         assert r.status_code == 503 and r.json()["reason"] == "shutting down"
         r = await client.post("/generate", json={"prompt": "new"})
@@ -79,12 +94,7 @@ async def test_draining_service_refuses_new_work_and_is_not_ready():
 
 
 async def test_drain_wait_gives_up_after_the_grace_period():
-    application, _ = build_app(engine={"token_delay": 0.5})
-    async with running(application) as client:
-        in_flight = asyncio.create_task(client.post("/generate", json={"prompt": "a b c d e f"}))
-        await asyncio.sleep(0.1)
-        drain = application.state.drain
-        drain.begin()
+    async with draining(token_delay=0.5, prompt="a b c d e f") as (_client, drain, in_flight):
         started = time.monotonic()
         assert not await drain.wait_idle(0.3)
         assert time.monotonic() - started < 1.0

@@ -29,6 +29,7 @@ async def test_each_query_matches_the_metrics(exposition: Exposition) -> None:
 
 async def test_every_metric_is_labelled_by_model(exposition: Exposition) -> None:
     unlabelled = [name for name, labels in exposition.labels.items() if "model" not in labels]
+    unlabelled += [name for name, labels in exposition.unseen.items() if "model" not in labels]
     assert not unlabelled
 
 
@@ -46,3 +47,25 @@ def test_the_checker_catches_a_missing_label_and_value() -> None:
     assert exposition.problems(doc, {}) == ["d: 'llm_cache_errors_total{operation=get|flush}': "
                                             "llm_cache_errors_total{operation='flush'} never exists"]
     assert exposition.problems(Reference("d", "llm_nope", "llm_nope"), {})
+
+
+def test_a_metric_with_no_series_has_its_collectors_labels_only() -> None:
+    declared = {name: frozenset({"model", "operation"}) for name in ("llm_cache_errors", "llm_cache_errors_total")}
+    text = "# HELP llm_cache_errors_total Errors.\n# TYPE llm_cache_errors_total counter\n"
+    exposition = Exposition.parse(text, declared)
+    assert exposition.labels == {} and set(exposition.unseen) == set(declared)
+    refs = promql_references("x", 'sum by (operation) (llm_cache_errors_total{model=~"$model"})')
+    assert sorted(sorted(r.labels) for r in refs) == [["model"], ["operation"]]
+    assert [problem for ref in refs for problem in exposition.problems(ref, {})] == []
+    (slot,) = [r for r in promql_references("x", "sum by (slot) (llm_cache_errors_total)") if r.labels]
+    assert exposition.problems(slot, {}) == ["x: 'sum by (slot) (llm_cache_errors_total)': "
+                                             "llm_cache_errors_total has no label 'slot'"]
+    (doc,) = doc_references("d", "see `llm_cache_errors_total{operation=get}`")
+    assert exposition.problems(doc, {}) == ["d: 'llm_cache_errors_total{operation=get}': "
+                                            "llm_cache_errors_total{operation='get'} never exists"]
+    assert exposition.problems(doc, {("llm_cache_errors", "operation"): {"get"}}) == []
+    # Declared by the text's HELP and TYPE but by no collector of the service: it does not exist.
+    bare = Reference("d", "llm_cache_errors_total", "llm_cache_errors_total")
+    assert Exposition.parse(text, {}).problems(bare, {}) == [
+        "d: 'llm_cache_errors_total': no metric llm_cache_errors_total in /metrics"
+    ]

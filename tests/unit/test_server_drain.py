@@ -3,6 +3,7 @@ and refuse new work at once, lets the stream in flight finish, then exits; the g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -59,25 +62,42 @@ def stream_in_background(base: str, events: list[dict], first: threading.Event) 
     return thread
 
 
-def test_sigterm_drains_then_exits():
-    proc, base = start(grace=30)
+@dataclass
+class StreamInFlight:
+    """The draining server's process with one /generate stream under way (its first event read)."""
+
+    proc: subprocess.Popen[bytes]
+    base: str
+    events: list[dict]
+    reader: threading.Thread
+
+
+@contextlib.contextmanager
+def stream_in_flight(grace: float, token_delay: float = 0.25) -> Iterator[StreamInFlight]:
+    """Start the server, start a stream and wait for its first event; kill the process at the end."""
+    proc, base = start(grace, token_delay)
     try:
         events: list[dict] = []
         first = threading.Event()
         reader = stream_in_background(base, events, first)
         assert first.wait(30)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        ready = httpx.get(base + "/health/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["reason"] == "shutting down"
-        refused = httpx.post(base + "/generate", json={"prompt": "new"}, timeout=5)
-        assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
-        reader.join(60)
-        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
-        proc.wait(30)
+        yield StreamInFlight(proc, base, events, reader)
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_sigterm_drains_then_exits():
+    with stream_in_flight(grace=30) as served:
+        served.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = httpx.get(served.base + "/health/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["reason"] == "shutting down"
+        refused = httpx.post(served.base + "/generate", json={"prompt": "new"}, timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
+        served.reader.join(60)
+        assert served.events[-1]["type"] == "done" and served.events[-1]["finish_reason"] == "stop"
+        served.proc.wait(30)
 
 
 # The fake answers 'fake answer to one two three' word by word; at 4 s a word the stream would take
@@ -86,35 +106,19 @@ SLOW = 4.0
 
 
 def test_grace_period_bounds_the_drain():
-    proc, base = start(grace=0.5, token_delay=SLOW)
-    try:
-        events: list[dict] = []
-        first = threading.Event()
-        reader = stream_in_background(base, events, first)
-        assert first.wait(30)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(40)
-        reader.join(30)
-        assert events and events[-1]["type"] != "done"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with stream_in_flight(grace=0.5, token_delay=SLOW) as served:
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(40)
+        served.reader.join(30)
+        assert served.events and served.events[-1]["type"] != "done"
 
 
 def test_second_sigterm_stops_without_waiting_for_the_drain():
-    proc, base = start(grace=120, token_delay=SLOW)
-    try:
-        events: list[dict] = []
-        first = threading.Event()
-        reader = stream_in_background(base, events, first)
-        assert first.wait(30)
-        proc.send_signal(signal.SIGTERM)
+    with stream_in_flight(grace=120, token_delay=SLOW) as served:
+        served.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        assert httpx.get(base + "/health/ready", timeout=5).status_code == 503
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(40)
-        reader.join(30)
-        assert events and events[-1]["type"] != "done"
-    finally:
-        proc.kill()
-        proc.wait(10)
+        assert httpx.get(served.base + "/health/ready", timeout=5).status_code == 503
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(40)
+        served.reader.join(30)
+        assert served.events and served.events[-1]["type"] != "done"

@@ -1,0 +1,16 @@
+"""What handling one HTTP request learned (its slot, an in-band failure), read when its response ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestRecord:
+    """What handling one request learned, read when its response ends."""
+
+    slot: str | None = None  # the slot it named, once known
+    failure: int | None = None  # status of an error that ended it after the response began (in-band)
+
+    def failed(self, status_code: int) -> None:
+        self.failure = status_code
