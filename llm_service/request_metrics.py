@@ -75,27 +75,34 @@ class RequestAccounting:
         record = RequestRecord()
         scope.setdefault("state", {})[_SCOPE_KEY] = record
         status: int | None = None
-        completed = False
+        counted = False
+
+        def count(code: int) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self._count(scope, record, code)
 
         async def send_counted(message: Message) -> None:
-            nonlocal status, completed
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 if "x-cache" not in headers:
                     headers["X-Cache"] = "MISS"
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                completed = True
+                # Counted before the last byte leaves: a client that reads /metrics next sees it.
+                count(final_code(status, True, record.failure))
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
         except Exception:
             if status is None:  # the server's error handler answers 500
-                status, completed = 500, True
+                count(final_code(500, True, record.failure))
             raise
         finally:
-            self._count(scope, record, final_code(status, completed, record.failure))
+            count(final_code(status, False, record.failure))
 
     @staticmethod
     def _count(scope: Scope, record: RequestRecord, code: int) -> None:

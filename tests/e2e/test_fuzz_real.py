@@ -9,7 +9,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 
-from tests.fuzz_checks import envelope_check
+from tests.fuzz_checks import envelope_check, lift_deadline
 
 from .conftest import ServiceProcess
 
@@ -49,6 +49,7 @@ def test_fuzzed_requests_on_the_real_engine(service: ServiceProcess) -> None:
             def run(case) -> None:
                 counts[case.operation.label] = counts.get(case.operation.label, 0) + 1
                 bound_generation(case)
+                lift_deadline(case)
                 # The shared service runs without API keys, so "a bad key gets 401" does not apply (the
                 # fake-engine run has keys); for positive_data_acceptance see tests/unit/test_fuzz.py.
                 case.call_and_validate(
