@@ -9,7 +9,7 @@ import httpx
 
 from tests.metrics_text import metric
 
-from .conftest import ServiceProcess
+from .conftest import ServiceProcess, wait_for
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -116,8 +116,15 @@ def test_metrics_counters_move(client: httpx.Client) -> None:
 def test_one_access_line_per_request(client: httpx.Client, service: ServiceProcess) -> None:
     """Our access line carries the request id; uvicorn's would be a second line per request."""
     request_id = f"access-{time.time_ns()}"
-    assert client.get("/health/live", headers={"X-Request-ID": request_id}).status_code == 200
-    lines = [json.loads(line) for line in service.log_path.read_text().splitlines()
-             if request_id in line and line.startswith("{")]  # fmt: skip
-    assert [(line["logger"], line["event"]) for line in lines] == [("llm_service.access", "request_finished")]
+    # (health probes and /metrics are not logged at all)
+    assert client.get("/v1/models", headers={"X-Request-ID": request_id}).status_code == 200
+
+    def lines() -> list[dict[str, str]]:
+        text = service.log_path.read_text().splitlines()
+        return [json.loads(line) for line in text if request_id in line and line.startswith("{")]
+
+    # The line is written after the response has gone out.
+    wait_for(lambda: bool(lines()), 10, "the request's access line")
+    time.sleep(0.5)  # a second line, if any, is written right after the first
+    assert [(line["logger"], line["event"]) for line in lines()] == [("llm_service.access", "request_finished")]
     assert not any('"uvicorn.access"' in line for line in service.log_path.read_text().splitlines())
