@@ -86,6 +86,11 @@ class ShuttingDown(ServiceError):
     error_type = "shutting_down"
 
 
+def outcome_of(error: ServiceError) -> str:
+    """A failed request's outcome in metrics and traces: "error" (5xx) or "invalid" (4xx)."""
+    return "error" if error.status_code >= 500 else "invalid"
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
     """Translate any exception into the ServiceError the client sees."""
     if isinstance(exc, ServiceError):

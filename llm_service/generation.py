@@ -30,7 +30,7 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
-from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, to_service_error
+from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, outcome_of, to_service_error
 from llm_service.images import NO_IMAGES, RequestImages, inspect_images
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
@@ -228,7 +228,7 @@ class GenerationStream:
 
     async def fail(self, error: ServiceError, cause: BaseException) -> None:
         """Close a failed stream; the slot's context sees the cause (a dead engine, say)."""
-        self._outcome = _status_label(error)
+        self._outcome = outcome_of(error)
         self._error = error.message
         if self._request is not None:
             self._request.failed(error.status_code)
@@ -480,5 +480,3 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def _status_label(error: ServiceError) -> str:
-    return "error" if error.status_code >= 500 else "invalid"

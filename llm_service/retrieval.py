@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_service.errors import InvalidRequest, to_service_error
+from llm_service.errors import InvalidRequest, outcome_of, to_service_error
 from llm_service.registry import ModelRegistry, Slot
 from llm_service.request_record import RequestRecord
 from llm_service.tracing import Trace, Tracer
@@ -20,9 +20,8 @@ def slots_of_kind(registry: ModelRegistry, kind: str) -> list[str]:
     return [name for name in registry.slot_names if registry.slot(name).config.kind == kind]
 
 
-def retrieval_slot(registry: ModelRegistry, model: str, kind: str) -> Slot:
-    """The slot `model` names (404 if none), which must serve `kind` (400 otherwise)."""
-    slot = registry.find(model)
+def check_kind(registry: ModelRegistry, slot: Slot, model: str, kind: str) -> None:
+    """400 unless `slot` (the one `model` names) serves `kind`."""
     if slot.config.kind != kind:
         served = slots_of_kind(registry, kind)
         article = "an" if kind[0] in "aeiou" else "a"
@@ -31,7 +30,6 @@ def retrieval_slot(registry: ModelRegistry, model: str, kind: str) -> Slot:
             f"{kind} models: {', '.join(served) if served else f'none (set {MODEL_SETTING[kind]})'}",
             param="model",
         )
-    return slot
 
 
 def start_request(
@@ -47,10 +45,10 @@ def start_request(
 ) -> tuple[Slot, Trace]:
     """The slot of a retrieval request and its started trace. The slot goes into the request's
     record first, so a request refused for the slot's kind counts under that slot."""
-    named = registry.find(model)
+    slot = registry.find(model)
     if record is not None:
-        record.slot = named.name
-    slot = retrieval_slot(registry, model, kind)
+        record.slot = slot.name
+    check_kind(registry, slot, model, kind)
     trace = tracer.start_retrieval(
         request_id=request_id,
         slot=slot.name,
@@ -80,7 +78,7 @@ def traced(trace: Trace) -> Iterator[TraceSummary]:
         yield summary
     except Exception as exc:
         service_error = to_service_error(exc)
-        outcome = "invalid" if service_error.status_code < 500 else "error"
+        outcome = outcome_of(service_error)
         error = service_error.message
         service_error.trace_id = trace.trace_id
         raise
