@@ -64,6 +64,17 @@ def meta(plan: Plan) -> dict[str, Any]:
     }
 
 
+def merged(earlier: dict[str, Any], rerun: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """An earlier run's results with `sections` replaced by a re-run's; the re-run is listed in the meta."""
+    if earlier["meta"]["plan"] != rerun["meta"]["plan"]:
+        raise ValueError(f"cannot merge a {rerun['meta']['plan']} run into a {earlier['meta']['plan']} run")
+    result = {**earlier, **{s: rerun[s] for s in sections if s in rerun}}
+    keep = ("date", "commit", "wall_seconds", "machine")
+    entry = {"sections": sections} | {k: rerun["meta"][k] for k in keep if k in rerun["meta"]}
+    result["meta"] = {**earlier["meta"], "reruns": [*earlier["meta"].get("reruns", []), entry]}
+    return result
+
+
 def guarded(results: dict[str, Any], name: str, step: Callable[[], Any]) -> None:
     """Run one measurement; a failure is recorded (and the run goes on), never hidden."""
     log(name)
@@ -140,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     form.add_argument("--smoke", action="store_true", help="one request per setting (the test suite's form)")
     parser.add_argument("--only", default="", help=f"comma list of {', '.join(SECTIONS)} (default: the form's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
+    parser.add_argument(
+        "--into", type=Path, default=None, help="an earlier run's folder: re-run --only's sections into its results"
+    )
     parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"), help="report to write ('' = none)")
     parser.add_argument("--plots", type=Path, default=ROOT / "bench" / "plots", help="where the report's plots go")
     args = parser.parse_args(argv)
@@ -149,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {sorted(unknown)}")
     if not (MODEL / "config.json").exists():
         parser.error(f"demo model missing at {MODEL}: run `make setup`")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out / f"{plan.name}-{stamp}"
+    if args.into is not None and not (args.into / "results.json").exists():
+        parser.error(f"no results.json in {args.into}")
+    out = args.into or args.out / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     results: dict[str, Any] = {"meta": meta(plan)}
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["wall_seconds"] = round(time.perf_counter() - began, 1)
     results["meta"]["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = out / "results.json"
+    if args.into is not None:
+        results = merged(json.loads(path.read_text()), results, only)
     path.write_text(json.dumps(results, indent=2))
     log(f"results in {path} ({results['meta']['wall_seconds']:.0f} s)")
     if args.report:

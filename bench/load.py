@@ -159,4 +159,3 @@ async def run(
     if errors:
         figures["first_error"] = errors[0][-500:]
     return figures
-

@@ -89,8 +89,14 @@ def throughput_tables(results: dict[str, Any]) -> list[str]:
         for run in sorted((r for r in runs if r["workload"] == workload), key=lambda r: r["concurrency"]):
             f = run["figures"]
             rows.append(
-                [run["concurrency"], run["server"], run["endpoint"], run["prompts"], f.get("failed"),
-                 *(f.get(key) for key, _ in COLUMNS)]
+                [
+                    run["concurrency"],
+                    run["server"],
+                    run["endpoint"],
+                    run["prompts"],
+                    f.get("failed"),
+                    *(f.get(key) for key, _ in COLUMNS),
+                ]
             )
         lines += _table(header, rows)
     return lines
@@ -101,8 +107,15 @@ def ratio_table(results: dict[str, Any]) -> list[str]:
               "ITL p50 ÷serve", "ITL p99 ÷serve", "E2E p50 ÷serve", "E2E p99 ÷serve", "tok/s ÷bare", "TTFT p50 ÷bare",
               "ITL p50 ÷bare"]  # fmt: skip
     rows = [
-        [r["workload"], r["concurrency"], r["endpoint"], *(r[f"{k}/serve"] for k, _ in COLUMNS),
-         r["output_throughput/bare"], r["median_ttft_ms/bare"], r["median_itl_ms/bare"]]
+        [
+            r["workload"],
+            r["concurrency"],
+            r["endpoint"],
+            *(r[f"{k}/serve"] for k, _ in COLUMNS),
+            r["output_throughput/bare"],
+            r["median_ttft_ms/bare"],
+            r["median_itl_ms/bare"],
+        ]
         for r in ratios(results)
     ]
     return _table(header, [[*row[:3], *(_fmt(v, 2) for v in row[3:])] for row in rows])
@@ -233,6 +246,11 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
         "request rate inf with max concurrency c) for every target; the bare engine is driven by the same client "
         "through an in-process request function. Cache hits: `ab -k`.",
     ]
+    for rerun in m.get("reruns", []):
+        lines.append(
+            f"- Re-run into this report: {', '.join(rerun['sections'])} on {rerun.get('date')}, commit "
+            f"`{rerun.get('commit')}`, {rerun.get('wall_seconds', 0):.0f} s wall (`python -m bench --only ... --into`)."
+        )
     for w in m["workloads"]:
         lines.append(
             f"- Workload **{w['name']}** on `{w['slot']}`: {w['input_len']} ±{int(w['input_range'] * 100)}% words in, "
@@ -269,9 +287,15 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
     hol = ours.get("head_of_line") or {}
     if hol and "error" not in hol:
         rows = [
-            [phase, hol[phase]["stream_itl"]["p50_ms"], hol[phase]["stream_itl"]["p99_ms"],
-             hol[phase]["stream_itl"]["max_ms"], hol[phase]["health_live"]["p50_ms"],
-             hol[phase]["health_live"]["p99_ms"], hol[phase]["health_live"]["max_ms"]]
+            [
+                phase,
+                hol[phase]["stream_itl"]["p50_ms"],
+                hol[phase]["stream_itl"]["p99_ms"],
+                hol[phase]["stream_itl"]["max_ms"],
+                hol[phase]["health_live"]["p50_ms"],
+                hol[phase]["health_live"]["p99_ms"],
+                hol[phase]["health_live"]["max_ms"],
+            ]
             for phase in ("alone", "with_rag")
         ]
         lines += [

@@ -113,7 +113,7 @@ def http_targets(
 
 def run_bare(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
     """The bare engine in a child process (python -m bench.bare), its RSS sampled from here."""
-    runs = [r for w in plan.workloads for r in runs_of(w, files[w.name], "bare", "AsyncLLM")]
+    runs = [r for w in plan.workloads for r in runs_of(w, files[w.name], "bare", "AsyncLLM", plan.bare_levels(w))]
     spec_path, result_path = out / "bare-spec.json", out / "bare-result.json"
     spec_path.write_text(json.dumps({"runs": runs, "log": str(out / "client.log")}))
     with (out / "bare.log").open("ab") as log:
@@ -136,4 +136,3 @@ def run_bare(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
         },
         "runs": result["runs"],
     }
-

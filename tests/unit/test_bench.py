@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bench import __main__ as bench_main
 from bench import ab, report
 from bench.dataset import write_prompts
 from bench.plan import FULL, QUICK, SMOKE
@@ -57,9 +60,31 @@ def test_prompt_files_are_the_same_every_time_and_sized_as_asked(tmp_path: Path)
 def test_plans_keep_their_shape() -> None:
     # The smoke form sends one request per setting; the quick form stays smaller than the full one.
     assert all(w.prompts_at(c) == 1 for w in SMOKE.workloads for c in w.levels)
-    for quick, full in zip(QUICK.workloads, FULL.workloads, strict=True):
+    full_by_name = {w.name: w for w in FULL.workloads}
+    for quick in QUICK.workloads:
+        full = full_by_name[quick.name]
         assert sum(quick.prompts_at(c) for c in quick.levels) < sum(full.prompts_at(c) for c in full.levels)
     assert FULL.workloads[0].levels == (1, 8, 32, 128)
+    # The servers run every level; the bare engine stops where it saturates.
+    assert FULL.bare_levels(FULL.workloads[0]) == (1, 8, 32)
+    assert SMOKE.bare_levels(SMOKE.workloads[0]) == SMOKE.workloads[0].levels
+
+
+def test_a_rerun_replaces_only_its_sections_and_is_listed() -> None:
+    earlier = results()
+    rerun = {"meta": {**earlier["meta"], "date": "2026-11-30T10:00:00Z", "commit": "def5678"},
+             "ours": {"runs": [run("ours", "/v1/completions", 1, 42.0, 21.0)]}}  # fmt: skip
+    merged = bench_main.merged(earlier, rerun, ["ours"])
+    assert merged["ours"] == rerun["ours"] and merged["bare"] == earlier["bare"]
+    assert merged["meta"]["date"] == earlier["meta"]["date"]
+    assert merged["meta"]["reruns"] == [
+        {"sections": ["ours"], "date": "2026-11-30T10:00:00Z", "commit": "def5678", "wall_seconds": 10,
+         "machine": earlier["meta"]["machine"]}
+    ]  # fmt: skip
+    text = report.render(merged, [], "", "")
+    assert "Re-run into this report: ours on 2026-11-30T10:00:00Z, commit `def5678`" in text
+    with pytest.raises(ValueError):
+        bench_main.merged(earlier, {**rerun, "meta": {**rerun["meta"], "plan": "full"}}, ["ours"])
 
 
 def run(server: str, endpoint: str, c: int, tok_s: float, ttft: float) -> dict[str, Any]:
@@ -71,19 +96,40 @@ def run(server: str, endpoint: str, c: int, tok_s: float, ttft: float) -> dict[s
 def results() -> dict[str, Any]:
     return {
         "meta": {
-            "plan": "smoke", "date": "2026-11-30T09:00:00Z", "commit": "abc1234", "wall_seconds": 10,
+            "plan": "smoke",
+            "date": "2026-11-30T09:00:00Z",
+            "commit": "abc1234",
+            "wall_seconds": 10,
             "machine": {"cpus": 2, "cpu": "x86_64", "memory_gib": 24, "load_average_at_start": [1.0, 1.0, 1.0]},
             "versions": {"python": "3.11", "vllm": "0.32.0", "torch": "2.13.0", "litellm": "1.106.12"},
             "engine": {"model": "demo", "max_model_len": 4096, "memory_share": 0.15, "kv_cache_bytes": 2**30},
-            "workloads": [{"name": "short-chat", "slot": "standard", "input_len": 100, "input_range": 0.2,
-                           "output_len": 8, "prompts": {1: 1}}],
+            "workloads": [
+                {
+                    "name": "short-chat",
+                    "slot": "standard",
+                    "input_len": 100,
+                    "input_range": 0.2,
+                    "output_len": 8,
+                    "prompts": {1: 1},
+                }
+            ],
         },
         "bare": {"runs": [run("bare", "AsyncLLM", 1, 50.0, 10.0)], "server": {"start_seconds": 30}},
         "vllm-serve": {"runs": [run("vllm-serve", "/v1/completions", 1, 40.0, 20.0)]},
         "ours": {
             "runs": [run("ours", "/v1/completions", 1, 38.0, 22.0), run("ours", "/generate", 1, 44.0, 18.0)],
-            "cache": {"generate_hit": [{"concurrency": 1, "requests": 10, "failed": 0, "requests_per_second": 600.0,
-                                        "p50_ms": 1.5, "p99_ms": 3.0}]},
+            "cache": {
+                "generate_hit": [
+                    {
+                        "concurrency": 1,
+                        "requests": 10,
+                        "failed": 0,
+                        "requests_per_second": 600.0,
+                        "p50_ms": 1.5,
+                        "p99_ms": 3.0,
+                    }
+                ]
+            },
         },
         "swap": {"error": "RuntimeError: boom"},
     }
