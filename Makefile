@@ -57,7 +57,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 # make bench: the service against `vllm serve`, the bare engine and LiteLLM (BENCHMARKS.md; sized for 30 min on a quiet 2-core machine);
-# make bench ARGS=--quick for the short form (about 5 min: fewer prompts and levels, no slot swaps or LiteLLM).
+# make bench ARGS=--quick for the short form (under 5 min: short chat at c=1 and 8, no RAG, slot swaps or LiteLLM).
 # Writes bench/results/ and bench/plots/.
 bench: setup bench-tools
 	$(BIN)/python -m bench $(ARGS)

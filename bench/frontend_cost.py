@@ -1,4 +1,4 @@
-"""CPU time of the HTTP front end per output token: ours beside `vllm serve`, one server at a time.
+"""The HTTP front end's own cost: ours beside `vllm serve`, one server at a time.
 
     python -m bench.frontend_cost [--concurrency 8] [--prompts 16] [--tokens 128] [--profile]
 
@@ -8,6 +8,13 @@ loses, and CPU seconds are steadier than tokens/s on a shared machine, so this p
 parent's CPU milliseconds per streamed output token for each endpoint, and the ratio ours /
 `vllm serve`. --profile records each front end with py-spy (bench/results/frontend-*.txt, raw
 stacks for a flame graph or `collapse`-style reading).
+
+Before that, with both servers up, the per-request cost: one-token requests (no stream),
+alternating between the servers one at a time, so the engine's part (a ~100-token prefill) is
+the same work at the same moments of the machine and the paired difference is the front end's
+(parsing, rendering, admission, the response). Each engine start runs at its own speed (±5 % on
+this VM), so a server measured alone cannot tell a few milliseconds from that. The prompt tokens
+each server counted are printed beside it (a different chat template would show there).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from bench import load
@@ -53,6 +61,58 @@ class Spy:
     def stop(self) -> None:
         self.proc.send_signal(2)
         self.proc.wait(60)
+
+
+def one_token_body(endpoint: str, prompt: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "standard", "max_tokens": 1, "temperature": 0}
+    if endpoint == "/v1/chat/completions":
+        return body | {"messages": [{"role": "user", "content": prompt}]}
+    return body | {"prompt": prompt}
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 1)
+
+
+def request_latency(servers: dict[str, str], endpoints: list[str], prompt: str, requests: int) -> list[dict[str, Any]]:
+    """One-token requests per endpoint, alternating between the servers (both up, one request at a
+    time, so each engine runs alone but both see the same moments of the machine): p50 and p90 per
+    server, and the median of the paired differences ours - `vllm serve`."""
+    clients = {
+        name: httpx.Client(
+            base_url=url, timeout=120, headers={"Cache-Control": "no-cache, no-store"} if name == "ours" else {}
+        )
+        for name, url in servers.items()
+    }
+    rows = []
+    try:
+        for endpoint in endpoints:
+            # /generate is paired with the peer's /v1/completions (the same prompt, no template)
+            peer_endpoint = "/v1/completions" if endpoint == "/generate" else endpoint
+            times: dict[str, list[float]] = {name: [] for name in clients}
+            tokens: dict[str, int] = {}
+            for i in range(requests + 3):
+                for name, client in clients.items():
+                    path = endpoint if name == "ours" else peer_endpoint
+                    began = time.perf_counter()
+                    response = client.post(path, json=one_token_body(path, prompt))
+                    elapsed = (time.perf_counter() - began) * 1000
+                    response.raise_for_status()
+                    tokens[name] = response.json()["usage"]["prompt_tokens"]
+                    if i >= 3:
+                        times[name].append(elapsed)
+            pairs = [a - b for a, b in zip(times.get("ours", []), times.get("vllm-serve", []), strict=False)]
+            for name, values in times.items():
+                rows.append({
+                    "server": name, "endpoint": endpoint if name == "ours" else peer_endpoint, "requests": requests,
+                    "p50_ms": quantile(values, 0.5), "p90_ms": quantile(values, 0.9), "prompt_tokens": tokens[name],
+                    "paired_difference_p50_ms": quantile(pairs, 0.5) if pairs and name == "ours" else None,
+                })  # fmt: skip
+    finally:
+        for client in clients.values():
+            client.close()
+    return rows
 
 
 async def measure(
@@ -100,6 +160,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--latency-requests", type=int, default=30, help="one-token requests per endpoint")
     parser.add_argument("--only", default="vllm-serve,ours")
     args = parser.parse_args()
     out = ROOT / "bench" / "results"
@@ -107,20 +168,27 @@ def main() -> int:
     short_chat = workload("short-chat", args.tokens, (args.concurrency,), min_prompts=args.prompts)
     plan = Plan("frontend", (short_chat,), (), ())
     files = datasets(plan, out)
+    prompt = json.loads(files["short-chat"].read_text().splitlines()[0])["prompt"]
     rows: list[dict[str, Any]] = []
-    servers = [s.strip() for s in args.only.split(",")]
-    for server in servers:
-        if server == "ours":
-            port = free_port()
-            proc, base_url = service("ours-frontend", service_env(port, None, "standard", 0.35, False), out)
-            ready, endpoints = http_ok(base_url + "/health/ready"), list(ENDPOINTS)
-        else:
-            proc, base_url = vllm_serve(out)
-            ready, endpoints = http_ok(base_url + "/health"), list(ENDPOINTS)[:2]
-        proc.start(ready)
-        try:
-            rows += asyncio.run(measure(server, proc, base_url, endpoints, files, args))
-        finally:
+    procs: dict[str, tuple[Process, str]] = {}
+    try:
+        # Both up (vLLM's CPU build binds each engine's worker to core 0; only one runs at a time).
+        for server in [s.strip() for s in args.only.split(",")]:
+            if server == "ours":
+                proc, base_url = service("ours-frontend", service_env(free_port(), None, "standard", 0.35, False), out)
+                proc.start(http_ok(base_url + "/health/ready"))
+            else:
+                proc, base_url = vllm_serve(out)
+                proc.start(http_ok(base_url + "/health"))
+            procs[server] = (proc, base_url)
+        endpoints = list(ENDPOINTS) if "ours" in procs else list(ENDPOINTS)[:2]
+        urls = {name: url for name, (_, url) in procs.items()}
+        latencies = request_latency(urls, endpoints, prompt, args.latency_requests)
+        for server, (proc, base_url) in procs.items():
+            mine = list(ENDPOINTS) if server == "ours" else list(ENDPOINTS)[:2]
+            rows += asyncio.run(measure(server, proc, base_url, mine, files, args))
+    finally:
+        for proc, _ in procs.values():
             proc.stop()
     peer = {r["endpoint"]: r for r in rows if r["server"] == "vllm-serve"}
     for row in rows:
@@ -131,7 +199,18 @@ def main() -> int:
             f"(x{ratio} of vllm serve) {row['output_tokens_per_second']:7.1f} tok/s "
             f"ITL p50 {row['median_itl_ms']:6.1f} ms failed {row['failed']}\n"
         )
-    (out / "frontend-cost.json").write_text(json.dumps(rows, indent=2))
+    for lat in latencies:
+        sys.stdout.write(
+            f"{lat['server']:10} {lat['endpoint']:22} one-token request p50 {lat['p50_ms']:6.1f} ms "
+            f"p90 {lat['p90_ms']:6.1f} ms ({lat['prompt_tokens']} prompt tokens)"
+            + (
+                f", ours - vllm serve per pair p50 {lat['paired_difference_p50_ms']:+.1f} ms"
+                if lat["paired_difference_p50_ms"] is not None
+                else ""
+            )
+            + "\n"
+        )
+    (out / "frontend-cost.json").write_text(json.dumps({"streaming": rows, "one_token": latencies}, indent=2))
     return 0
 
 
