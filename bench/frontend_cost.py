@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from bench import load
 from bench.plan import ROOT, Plan, workload
-from bench.servers import Process, free_port, http_ok, service, service_env, vllm_serve
+from bench.servers import Process, Spy, cpu_seconds, free_port, http_ok, service, service_env, vllm_serve
 from bench.throughput import NO_CACHE, datasets
 
 ENDPOINTS = {
@@ -42,25 +39,6 @@ ENDPOINTS = {
     "/v1/chat/completions": ("openai-chat", True),
     "/generate": (load.GENERATE_BACKEND, False),
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
-class Spy:
-    """py-spy recording one process until stopped (raw stacks)."""
-
-    def __init__(self, pid: int, path: Path) -> None:
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(path), "--rate", "200"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(2)
-        self.proc.wait(60)
 
 
 def one_token_body(endpoint: str, prompt: str) -> dict[str, Any]:

@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from bench import ab
 from bench.plan import ROOT
-from bench.servers import Redis, free_port, http_ok, service, service_env
+from bench.servers import Redis, Spy, cpu_seconds, free_port, http_ok, service, service_env
 
 PROMPT = "Name three fruits."
 
@@ -61,11 +58,6 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     RedisClient(port=redis_port).set(plan.key, entry.encode())
 
 
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 def costed(pid: int, url: str, requests: int, concurrency: int, body: bytes | None = None) -> dict[str, Any]:
     """One ab run, with the service's CPU time per request (steadier than req/s on a busy machine)."""
     before = cpu_seconds(pid)
@@ -77,16 +69,10 @@ def costed(pid: int, url: str, requests: int, concurrency: int, body: bytes | No
 def measure(base_url: str, requests: int, levels: tuple[int, ...], profile: Path | None, pid: int) -> dict[str, Any]:
     body = json.dumps({"prompt": PROMPT, "max_tokens": 16, "temperature": 0}).encode()
     out: dict[str, Any] = {"health_live": [costed(pid, base_url + "/health/live", requests, c) for c in levels]}
-    recorder = None
-    if profile is not None:
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(profile), "--rate", "500"]
-        recorder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1)
+    recorder = Spy(pid, profile, rate=500) if profile is not None else None
     out["generate_hit"] = [costed(pid, base_url + "/generate", requests, c, body) for c in levels]
     if recorder is not None:
-        recorder.send_signal(2)
-        recorder.wait(30)
+        recorder.stop()
     return out
 
 

@@ -133,6 +133,26 @@ class Process:
         return summary
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of one process (all its threads, not its children)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+class Spy:
+    """py-spy recording one process from construction until stop() (raw stacks)."""
+
+    def __init__(self, pid: int, path: Path, rate: int = 200) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(path), "--rate", str(rate)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)  # attached before the measured work starts
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+
+
 def http_ok(url: str) -> Callable[[], bool]:
     return lambda: httpx.get(url, timeout=2).status_code == 200
 
