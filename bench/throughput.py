@@ -111,9 +111,19 @@ def http_targets(
     return targets
 
 
+def bare_runs(plan: Plan, files: dict[str, Path]) -> list[dict[str, Any]]:
+    """The bare engine's runs: every workload at the plan's bare levels (a workload with none is left out)."""
+    return [
+        run
+        for w in plan.workloads
+        if (levels := plan.bare_levels(w))
+        for run in runs_of(w, files[w.name], "bare", "AsyncLLM", levels)
+    ]
+
+
 def run_bare(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
     """The bare engine in a child process (python -m bench.bare), its RSS sampled from here."""
-    runs = [r for w in plan.workloads for r in runs_of(w, files[w.name], "bare", "AsyncLLM", plan.bare_levels(w))]
+    runs = bare_runs(plan, files)
     spec_path, result_path = out / "bare-spec.json", out / "bare-result.json"
     spec_path.write_text(json.dumps({"runs": runs, "log": str(out / "client.log")}))
     with (out / "bare.log").open("ab") as log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import pytest
 
 from bench import __main__ as bench_main
-from bench import ab, report
+from bench import ab, report, throughput
 from bench.dataset import write_prompts
-from bench.plan import FULL, QUICK, SMOKE
+from bench.plan import FULL, QUICK, SMOKE, workload
 
 AB_REPORT = """
 Complete requests:      2000
@@ -66,8 +67,13 @@ def test_plans_keep_their_shape() -> None:
         assert sum(quick.prompts_at(c) for c in quick.levels) < sum(full.prompts_at(c) for c in full.levels)
     assert FULL.workloads[0].levels == (1, 8, 32, 128)
     # The servers run every level; the bare engine stops where it saturates.
-    assert FULL.bare_levels(FULL.workloads[0]) == (1, 8, 32)
+    files = {w.name: Path(f"{w.name}.jsonl") for w in FULL.workloads}
+    bare = {(r["workload"], r["concurrency"]) for r in throughput.bare_runs(FULL, files)}
+    assert bare == {("short-chat", 1), ("short-chat", 8), ("short-chat", 32), ("rag", 1), ("rag", 8)}
     assert SMOKE.bare_levels(SMOKE.workloads[0]) == SMOKE.workloads[0].levels
+    # A workload with no level under the bare engine's cap is left out, not run at every level.
+    high = dataclasses.replace(FULL, workloads=(workload("short-chat", 8, (64, 128)),))
+    assert throughput.bare_runs(high, {"short-chat": Path("x.jsonl")}) == []
 
 
 def test_a_rerun_replaces_only_its_sections_and_is_listed() -> None:
