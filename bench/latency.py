@@ -130,7 +130,7 @@ def swaps(plan: Plan, base_url: str) -> dict[str, Any]:
             requests.append({"slot": slot, "status": r.status_code, "seconds": round(time.perf_counter() - began, 2)})
         metrics = client.get("/metrics").text
     load_sum, load_count = _histogram(metrics, "llm_model_load_duration_seconds")
-    evictions = sum(float(m) for m in re.findall(r"^llm_model_evictions_total\{[^}]*\} ([\d.e+]+)$", metrics, re.M))
+    evictions = sum(float(m) for m in re.findall(r'^llm_model_evictions_total\{[^}]*\} ([\d.e+]+)$', metrics, re.M))
     return {
         "lazy_load_request_seconds": requests[0]["seconds"],
         "swap_request_seconds": [r["seconds"] for r in requests[1:]],

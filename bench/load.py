@@ -159,3 +159,4 @@ async def run(
     if errors:
         figures["first_error"] = errors[0][-500:]
     return figures
+

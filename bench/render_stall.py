@@ -129,10 +129,7 @@ def main() -> int:
     log_path = Path(f"/tmp/render_stall_{args.label}.log")
     with log_path.open("wb") as log:
         service = subprocess.Popen(
-            [sys.executable, "-m", "llm_service"],
-            cwd=args.tree,
-            env=service_env(port),
-            stdout=log,
+            [sys.executable, "-m", "llm_service"], cwd=args.tree, env=service_env(port), stdout=log,
             stderr=subprocess.STDOUT,
         )
         try:

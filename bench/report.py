@@ -89,14 +89,8 @@ def throughput_tables(results: dict[str, Any]) -> list[str]:
         for run in sorted((r for r in runs if r["workload"] == workload), key=lambda r: r["concurrency"]):
             f = run["figures"]
             rows.append(
-                [
-                    run["concurrency"],
-                    run["server"],
-                    run["endpoint"],
-                    run["prompts"],
-                    f.get("failed"),
-                    *(f.get(key) for key, _ in COLUMNS),
-                ]
+                [run["concurrency"], run["server"], run["endpoint"], run["prompts"], f.get("failed"),
+                 *(f.get(key) for key, _ in COLUMNS)]
             )
         lines += _table(header, rows)
     return lines
@@ -107,15 +101,8 @@ def ratio_table(results: dict[str, Any]) -> list[str]:
               "ITL p50 ÷serve", "ITL p99 ÷serve", "E2E p50 ÷serve", "E2E p99 ÷serve", "tok/s ÷bare", "TTFT p50 ÷bare",
               "ITL p50 ÷bare"]  # fmt: skip
     rows = [
-        [
-            r["workload"],
-            r["concurrency"],
-            r["endpoint"],
-            *(r[f"{k}/serve"] for k, _ in COLUMNS),
-            r["output_throughput/bare"],
-            r["median_ttft_ms/bare"],
-            r["median_itl_ms/bare"],
-        ]
+        [r["workload"], r["concurrency"], r["endpoint"], *(r[f"{k}/serve"] for k, _ in COLUMNS),
+         r["output_throughput/bare"], r["median_ttft_ms/bare"], r["median_itl_ms/bare"]]
         for r in ratios(results)
     ]
     return _table(header, [[*row[:3], *(_fmt(v, 2) for v in row[3:])] for row in rows])
@@ -287,15 +274,9 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
     hol = ours.get("head_of_line") or {}
     if hol and "error" not in hol:
         rows = [
-            [
-                phase,
-                hol[phase]["stream_itl"]["p50_ms"],
-                hol[phase]["stream_itl"]["p99_ms"],
-                hol[phase]["stream_itl"]["max_ms"],
-                hol[phase]["health_live"]["p50_ms"],
-                hol[phase]["health_live"]["p99_ms"],
-                hol[phase]["health_live"]["max_ms"],
-            ]
+            [phase, hol[phase]["stream_itl"]["p50_ms"], hol[phase]["stream_itl"]["p99_ms"],
+             hol[phase]["stream_itl"]["max_ms"], hol[phase]["health_live"]["p50_ms"],
+             hol[phase]["health_live"]["p99_ms"], hol[phase]["health_live"]["max_ms"]]
             for phase in ("alone", "with_rag")
         ]
         lines += [

@@ -102,40 +102,19 @@ def run(server: str, endpoint: str, c: int, tok_s: float, ttft: float) -> dict[s
 def results() -> dict[str, Any]:
     return {
         "meta": {
-            "plan": "smoke",
-            "date": "2026-11-30T09:00:00Z",
-            "commit": "abc1234",
-            "wall_seconds": 10,
+            "plan": "smoke", "date": "2026-11-30T09:00:00Z", "commit": "abc1234", "wall_seconds": 10,
             "machine": {"cpus": 2, "cpu": "x86_64", "memory_gib": 24, "load_average_at_start": [1.0, 1.0, 1.0]},
             "versions": {"python": "3.11", "vllm": "0.32.0", "torch": "2.13.0", "litellm": "1.106.12"},
             "engine": {"model": "demo", "max_model_len": 4096, "memory_share": 0.15, "kv_cache_bytes": 2**30},
-            "workloads": [
-                {
-                    "name": "short-chat",
-                    "slot": "standard",
-                    "input_len": 100,
-                    "input_range": 0.2,
-                    "output_len": 8,
-                    "prompts": {1: 1},
-                }
-            ],
+            "workloads": [{"name": "short-chat", "slot": "standard", "input_len": 100, "input_range": 0.2,
+                           "output_len": 8, "prompts": {1: 1}}],
         },
         "bare": {"runs": [run("bare", "AsyncLLM", 1, 50.0, 10.0)], "server": {"start_seconds": 30}},
         "vllm-serve": {"runs": [run("vllm-serve", "/v1/completions", 1, 40.0, 20.0)]},
         "ours": {
             "runs": [run("ours", "/v1/completions", 1, 38.0, 22.0), run("ours", "/generate", 1, 44.0, 18.0)],
-            "cache": {
-                "generate_hit": [
-                    {
-                        "concurrency": 1,
-                        "requests": 10,
-                        "failed": 0,
-                        "requests_per_second": 600.0,
-                        "p50_ms": 1.5,
-                        "p99_ms": 3.0,
-                    }
-                ]
-            },
+            "cache": {"generate_hit": [{"concurrency": 1, "requests": 10, "failed": 0, "requests_per_second": 600.0,
+                                        "p50_ms": 1.5, "p99_ms": 3.0}]},
         },
         "swap": {"error": "RuntimeError: boom"},
     }
