@@ -52,9 +52,10 @@ def vllm_backend(device_setting: str) -> EngineBackend:
     """The real backend; importing it imports vLLM."""
     from llm_service.engines import vllm as vllm_engines
 
-    device = device_setting
-    if device == "auto":
-        device = "cuda" if vllm_engines.gpu_available() else "cpu"
+    device, problem = vllm_engines.choose_device(device_setting, vllm_engines.platform_facts())
+    if problem is not None:
+        # Every load fails with this reason too; said once here, where an operator looks first.
+        log.error("device_unusable", device=device, reason=problem)
     return EngineBackend(
         vllm_engines.VLLMEngine,
         device,

@@ -132,7 +132,7 @@ class LLMSettings(BaseSettings):
         description="Model id or local path of the rerank slot (/v1/rerank), a cross-encoder; unset: no such slot.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto picks cuda when a GPU is visible, else cpu."
+        "auto", description="auto: what the installed vLLM runs on (cuda for its CUDA build, else cpu)."
     )
     gpu_memory_utilization: float = Field(
         0.85,

@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
             # Only now: detecting the device imports vLLM and torch.
             from llm_service.engines import vllm as vllm_engines
 
-            if device == "auto":
-                device = "cuda" if vllm_engines.gpu_available() else "cpu"
+            device, problem = vllm_engines.choose_device(device, vllm_engines.platform_facts())
+            if problem is not None:
+                sys.stderr.write(f"llm-service plan: {problem}\n")
             memory = memory or vllm_engines.device_memory_bytes(device)
         plan, sources = sizing_plan_with_sources(settings.llm, device, memory, hub=False if args.offline else None)
     except SettingsError as exc:

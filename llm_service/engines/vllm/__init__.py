@@ -1,5 +1,13 @@
 """vLLM engines: the only package of the service that imports vllm."""
 
-from llm_service.engines.vllm.engine import VLLMEngine, device_memory_bytes, free_memory_bytes, gpu_available
+from llm_service.engines.vllm.device import (
+    choose_device,
+    device_memory_bytes,
+    free_memory_bytes,
+    gpu_available,
+    platform_facts,
+)
+from llm_service.engines.vllm.engine import VLLMEngine
 
-__all__ = ["VLLMEngine", "device_memory_bytes", "free_memory_bytes", "gpu_available"]
+__all__ = ["VLLMEngine", "choose_device", "device_memory_bytes", "free_memory_bytes", "gpu_available",
+           "platform_facts"]

@@ -19,7 +19,6 @@ from vllm.outputs import CompletionOutput
 from vllm.platforms import CpuArchEnum, current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.tokenizers import TokenizerLike
-from vllm.utils.cpu_resource_utils import get_memory_node_info
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -38,6 +37,7 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
+from llm_service.engines.vllm.device import device_problem, platform_facts
 from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
@@ -51,23 +51,6 @@ _BUILD_LOCK = threading.Lock()
 
 # "repetition" only comes from vLLM's opt-in repetition detection; to a client it is a normal stop.
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
-
-
-def gpu_available() -> bool:
-    """True if the installed vLLM runs on CUDA and a GPU is visible."""
-    # GPU-only: the CPU build of vLLM pins a +cpu torch, which never sees a GPU.
-    return current_platform.is_cuda_alike() and torch.cuda.is_available() and torch.cuda.device_count() > 0
-
-
-def device_memory_bytes(device: str) -> int | None:
-    """Total memory that `gpu_memory_utilization` is a fraction of on `device`, None if unknown."""
-    if device == "cuda":
-        # GPU-only: vLLM budgets against the total memory of each engine's GPU (rank 0 here).
-        return int(torch.cuda.get_device_properties(0).total_memory) if gpu_available() else None
-    if device == "cpu":
-        # vLLM's CPU worker reads NUMA node 0's MemTotal, clamped to the cgroup memory limit.
-        return int(get_memory_node_info(0).total_memory)
-    return None
 
 
 def cpu_dtype_args(config: EngineConfig) -> dict[str, Any]:
@@ -124,11 +107,14 @@ class VLLMEngine:
         return AsyncEngineArgs(**args)
 
     def _check_device(self) -> None:
-        built_for = "cuda" if current_platform.is_cuda_alike() else current_platform.device_type
-        if self.config.device != built_for:
+        facts = platform_facts()
+        if self.config.device != facts.vllm_platform:
             raise EngineError(
-                f"device {self.config.device} asked for, but the installed vLLM runs on {built_for}"
+                f"device {self.config.device} asked for, but the installed vLLM runs on {facts.vllm_platform}"
             )
+        problem = device_problem(facts)
+        if problem is not None:
+            raise EngineError(problem)
         if self.config.device == "cpu" and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # vLLM applies it to every engine of the process and ignores the share for the KV cache.
             log.warning(
@@ -401,18 +387,6 @@ def _translated(exc: Exception, slot: str, request_id: str) -> Exception:
             return ValueError(str(exc.__cause__))
         return EngineError(f"vLLM failed request {request_id}: {exc.__cause__!r}")
     return EngineError(str(exc))  # GracefulHTTPError: vLLM's own queue limits, not the request's fault
-
-
-def free_memory_bytes(device: str) -> int | None:
-    """Memory a new engine on `device` could take now: what vLLM's start-up check compares
-    `gpu_memory_utilization` x total with. None if unknown."""
-    if device == "cuda":
-        # GPU-only: device-wide free memory (cudaMemGetInfo), other processes' engines included.
-        return int(torch.cuda.mem_get_info()[0]) if gpu_available() else None
-    if device == "cpu":
-        # vLLM's CPU worker compares with NUMA node 0's available memory (cgroup-clamped).
-        return int(get_memory_node_info(0).available_memory)
-    return None
 
 
 def _sampling_params(options: SamplingOptions, forced: StructuredOutputsParams | None = None) -> SamplingParams:
