@@ -71,6 +71,11 @@ def render(plan: Plan, sources: dict[str, str], out: TextIO) -> None:
         out.write("  ".join(cells) + "  " + row[-1] + "\n")
     preloaded = [s.slot for s in plan.slots if s.preload_requested]
     verdict = "every slot can load and the preloaded ones fit" if plan.fits else "this configuration DOES NOT FIT"
+    if device.headroom is not None and device.outside_engines:
+        out.write(
+            f"Outside the budget: the API process's CUDA context (~{_gib(device.outside_engines)}) and "
+            f"{_gib(device.headroom)} of headroom for engines that hold more than planned.\n"
+        )
     out.write(
         f"Preloaded slots ({', '.join(preloaded) or 'none'}): {plan.preloaded_share:.2f} of the budget "
         f"{device.budget:.2f}; {verdict}.\n"
@@ -84,6 +89,8 @@ def as_json(plan: Plan, sources: dict[str, str]) -> dict[str, Any]:
             "memory_bytes": plan.device.memory,
             "budget": plan.device.budget,
             "tensor_parallel": plan.device.tensor_parallel,
+            "api_context_bytes": plan.device.outside_engines,
+            "headroom_bytes": plan.device.headroom,
         },
         "fits": plan.fits,
         "preloaded_share": round(plan.preloaded_share, 4),

@@ -40,6 +40,10 @@ FALLBACK_SHARE = 0.4  # a model whose config cannot be read
 CUDA_BASE_OVERHEAD = GIB // 2
 CUDA_GRAPHS = GIB // 2
 VISION_PROFILE = GIB // 2  # encoder profiling and cache of a vision tower
+# The API process's own CUDA context: torch opens one when the service reads the GPU's size and
+# free memory (get_device_properties, mem_get_info). It is in no engine's share, so it comes out
+# of what the budget leaves free (0.3-0.5 GiB with CUDA's lazy module loading; measured at start).
+API_CUDA_CONTEXT = GIB // 2
 CPU_OVERHEAD = 3 * GIB // 2
 
 
@@ -51,6 +55,19 @@ class Device:
     memory: int | None  # bytes; None when unknown
     budget: float  # LLM_GPU_MEMORY_UTILIZATION
     tensor_parallel: int = 1
+
+    @property
+    def outside_engines(self) -> int:
+        """Bytes of the device held by no engine: the API process's CUDA context on a GPU."""
+        return API_CUDA_CONTEXT if self.kind == "cuda" else 0
+
+    @property
+    def headroom(self) -> int | None:
+        """What the budget and the API process leave free: all that absorbs engines holding more
+        than planned (vLLM refuses a start while less than its share is free). None: unknown memory."""
+        if not self.memory:
+            return None
+        return int(self.memory * (1 - self.budget)) - self.outside_engines
 
 
 @dataclass(frozen=True)
@@ -107,8 +124,12 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        """Every slot can load, and every slot asked to be preloaded is, within the budget."""
-        return all(p.unloadable is None and p.preload == p.preload_requested for p in self.slots)
+        """Every slot can load, every slot asked to be preloaded is, within the budget, and the
+        budget leaves the API process's CUDA context room on the device."""
+        room = self.device.headroom
+        return (room is None or room >= 0) and all(
+            p.unloadable is None and p.preload == p.preload_requested for p in self.slots
+        )
 
 
 def _fixed_bytes(request: SlotRequest, device: Device) -> int | None:

@@ -238,3 +238,15 @@ async def test_a_registry_built_from_an_overfull_plan_serves_what_fits() -> None
             pass
     assert [engine.config.slot for engine in factory.engines] == ["standard"]
     await registry.close()
+
+
+def test_the_api_processs_cuda_context_has_its_own_term() -> None:
+    plan = plan_on(22.05)
+    assert plan.device.outside_engines == GIB // 2
+    assert plan.device.headroom == int(22.05 * GIB * 0.15) - GIB // 2
+    assert by_slot(plan)["longctx"].max_model_len == 6144  # an L4's 22.05 GiB, not 22.5
+    # A budget that leaves the context no room does not fit, whatever the slots.
+    assert not plan_on(22.05, gpu_memory_utilization=0.99, preload_models=["standard"]).fits
+    assert plan_on(22.05, gpu_memory_utilization=0.97, preload_models=["standard"]).fits
+    cpu, _ = sizing_plan_with_sources(llm(), "cpu", 8 * GIB, hub=False)
+    assert cpu.device.outside_engines == 0
