@@ -61,6 +61,15 @@ class Metrics:
         self.model_memory_share = Gauge(
             "llm_model_memory_share", "Budget share held by the slot while loaded.", ["model"], registry=r
         )
+        self.model_memory_planned = Gauge(
+            "llm_model_memory_planned_bytes", "Device memory the slot's share stands for (share x device).",
+            ["model"], registry=r,
+        )
+        self.model_memory_measured = Gauge(
+            "llm_model_memory_measured_bytes",
+            "Device memory the slot's engine was measured to hold after its last start (0: not measured).",
+            ["model"], registry=r,
+        )
         self.evictions = Counter(
             "llm_model_evictions", "Slots unloaded to make room for another.", ["model"], registry=r
         )
@@ -179,6 +188,8 @@ class Metrics:
             self.model_load_duration,
             self.model_load_failures,
             self.model_memory_share,
+            self.model_memory_planned,
+            self.model_memory_measured,
             self.evictions,
             self.model_loads,
             self.load_wait,

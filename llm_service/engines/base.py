@@ -261,6 +261,11 @@ class Engine(Protocol):
     def num_requests(self) -> int:
         """Requests the engine itself holds right now (running or queued in it), by its own count."""
 
+    def memory_footprint(self) -> int | None:
+        """Bytes of its device the started engine was measured to hold right after its start (its
+        processes' memory where NVML gives it per process, else the device's used memory after its
+        start minus before); None where nothing measures it (the CPU, or before start)."""
+
     async def check_health(self) -> None:
         """Return if the engine is alive; raise EngineDead otherwise."""
 

@@ -46,6 +46,7 @@ class FakeEngine:
         start_gate: asyncio.Event | None = None,
         max_num_seqs: int = 8,
         kv_cache_tokens: int = 65536,
+        measured_bytes: int | None = None,
     ) -> None:
         self.config = config
         self.start_delay = start_delay
@@ -62,6 +63,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.max_num_seqs = max_num_seqs
         self.kv_cache_tokens = kv_cache_tokens
+        self.measured_bytes = measured_bytes  # what memory_footprint() reports once started (a simulated GPU)
         self.running: set[str] = set()
         self.request_ids: list[str] = []
         self.embed_batches: list[int] = []  # size of each embed() call
@@ -241,6 +243,9 @@ class FakeEngine:
 
     def num_requests(self) -> int:
         return len(self.running)
+
+    def memory_footprint(self) -> int | None:
+        return self.measured_bytes if self.started else None
 
     async def check_health(self) -> None:
         if self.dead:

@@ -14,7 +14,7 @@ import structlog
 from llm_service.engines.base import Engine, EngineConfig, EngineDead
 from llm_service.errors import ModelNotFound, ModelUnavailable
 from llm_service.metrics import Metrics
-from llm_service.registry.memory import DeviceMemory
+from llm_service.registry.memory import DeviceMemory, record_footprint
 from llm_service.registry.recovery import Recovery
 from llm_service.registry.slots import HOLDING, RegistryPolicy, Slot, SlotState
 from llm_service.registry.swap import SlotView, SwapPolicy
@@ -89,7 +89,7 @@ class ModelRegistry:
         return self.slot(name_or_model_id)
 
     def used_share(self) -> float:
-        return sum(s.config.memory_share for s in self._slots.values() if s.state in HOLDING)
+        return sum(s.held_share for s in self._slots.values() if s.state in HOLDING)
 
     @property
     def preload_done(self) -> bool:
@@ -104,7 +104,8 @@ class ModelRegistry:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         now = self._clock()
-        return {s.name: s.describe(now) for s in self._slots.values()}
+        total = self._memory.total if self._memory is not None else None
+        return {s.name: s.describe(now, total) for s in self._slots.values()}
 
     # --- lifecycle of the registry -------------------------------------------------------
     def start(self, preload: bool) -> None:
@@ -312,6 +313,7 @@ class ModelRegistry:
             slot.loaded_since = slot.last_used = self._clock()
             self._metrics.model_loaded.labels(model=slot.name).set(1)
             self._metrics.model_memory_share.labels(model=slot.name).set(slot.config.memory_share)
+            record_footprint(slot, engine.memory_footprint(), self._memory, self._metrics)
             self._metrics.model_load_duration.labels(model=slot.name).observe(elapsed)
             log.info("model_loaded", slot=slot.name, seconds=round(elapsed, 2))
             self._notify()
@@ -377,7 +379,7 @@ class ModelRegistry:
     def _retry_load(self, slot: Slot) -> None:
         """A failed slot's back-off is over: load it again, unless that would evict a serving slot
         for a lazily loaded one (its failure then expires, and its next request loads it)."""
-        if slot.pinned or self.used_share() + slot.config.memory_share <= self.budget + 1e-9:
+        if slot.pinned or self.used_share() + slot.held_share <= self.budget + 1e-9:
             log.info("model_retrying", slot=slot.name, failures=slot.failures)
             self._ensure_load_task(slot)
         else:

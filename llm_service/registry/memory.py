@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from llm_service.metrics import Metrics
+from llm_service.registry.slots import Slot
+
 log = structlog.get_logger(__name__)
 
 # Bytes a new engine could take on the device now; None when the backend cannot tell.
@@ -52,3 +55,28 @@ class DeviceMemory:
                 log.info("device_memory_waiting", need_bytes=need, free_bytes=free)
                 waited = True
             await asyncio.sleep(min(self.interval, remaining))
+
+
+def record_footprint(slot: Slot, measured: int | None, memory: DeviceMemory | None, metrics: Metrics) -> None:
+    """Keep what the slot's freshly started engine holds (None: not measured) and show it; a slot
+    over its share is logged with both figures, and the budget counts the larger from now on."""
+    device_memory = memory.total if memory is not None else None
+    planned = int(slot.config.memory_share * device_memory) if device_memory else None
+    if planned is not None:
+        metrics.model_memory_planned.labels(model=slot.name).set(planned)
+    if measured is None:
+        return
+    slot.measured_bytes = measured
+    slot.measured_share = measured / device_memory if device_memory else None
+    metrics.model_memory_measured.labels(model=slot.name).set(measured)
+    if planned is not None and measured > planned:
+        log.warning(
+            "model_memory_over_share",
+            slot=slot.name,
+            planned_bytes=planned,
+            measured_bytes=measured,
+            share=slot.config.memory_share,
+            measured_share=round(measured / device_memory, 4) if device_memory else None,
+        )
+    else:
+        log.info("model_memory_measured", slot=slot.name, planned_bytes=planned, measured_bytes=measured)

@@ -65,10 +65,20 @@ class Slot:
     load_refused: tuple[float, Exception] | None = None  # the last load that found no room
     dead_engine: Engine | None = field(default=None, repr=False)  # died, not yet shut down
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # What the engine held on its device after its last start, in bytes and as a share of the
+    # device (None: not measured); kept across unloads, so the next load makes room for it.
+    measured_bytes: int | None = None
+    measured_share: float | None = None
 
     @property
     def name(self) -> str:
         return self.config.slot
+
+    @property
+    def held_share(self) -> float:
+        """The share the budget counts for the slot: its planned share, or what its engine was
+        measured to hold when that is more."""
+        return max(self.config.memory_share, self.measured_share or 0.0)
 
     @property
     def waiting(self) -> int:
@@ -114,14 +124,17 @@ class Slot:
             )
         return None
 
-    def describe(self, now: float) -> dict[str, Any]:
+    def describe(self, now: float, device_memory: int | None = None) -> dict[str, Any]:
         """The slot as /health and /admin show it."""
+        planned = int(self.config.memory_share * device_memory) if device_memory else None
         return {
             "model_id": self.config.model_id,
             "kind": self.config.kind,
             "state": self.state.value,
             "pinned": self.pinned,
             "memory_share": self.config.memory_share,
+            "memory_planned_bytes": planned,
+            "memory_measured_bytes": self.measured_bytes,
             "max_model_len": self.config.max_model_len,
             "in_flight": self.in_flight,
             "waiting": self.waiting,

@@ -43,7 +43,7 @@ class SlotView:
         return cls(
             name=slot.name,
             state=slot.state,
-            share=slot.config.memory_share,
+            share=slot.held_share,
             in_flight=slot.in_flight,
             waiting=slot.owed,
             last_used=slot.last_used,

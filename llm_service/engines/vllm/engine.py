@@ -37,7 +37,14 @@ from llm_service.engines.base import (
     TokenLogprob,
     ToolCallDelta,
 )
-from llm_service.engines.vllm.device import device_problem, platform_facts
+from llm_service.engines.vllm.device import (
+    child_pids,
+    device_problem,
+    footprint_of,
+    platform_facts,
+    process_memory_bytes,
+    used_memory_bytes,
+)
 from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
@@ -79,6 +86,7 @@ class VLLMEngine:
         self._build: asyncio.Future[None] | None = None
         self._closed = False
         self._on_dead: Callable[[EngineDead], None] | None = None
+        self._footprint: int | None = None
 
     def engine_args(self) -> AsyncEngineArgs:
         """The vLLM engine arguments this engine starts with."""
@@ -123,10 +131,15 @@ class VLLMEngine:
                 gib=os.environ["VLLM_CPU_KVCACHE_SPACE"],
             )
 
-    @staticmethod
-    def _build_blocking(args: AsyncEngineArgs) -> AsyncLLM:
+    def _build_blocking(self, args: AsyncEngineArgs) -> AsyncLLM:
+        device = self.config.device
         with _BUILD_LOCK:
-            return AsyncLLM.from_engine_args(args)
+            # One build at a time: the processes and the device memory this build adds are its own.
+            pids, used = child_pids(), used_memory_bytes(device)
+            llm = AsyncLLM.from_engine_args(args)
+            pids = child_pids() - pids
+            self._footprint = footprint_of(used, used_memory_bytes(device), pids, process_memory_bytes(device))
+            return llm
 
     async def start(self) -> None:
         """Build the engine in a worker thread (about 30 s on CPU) so the event loop keeps serving."""
@@ -182,6 +195,7 @@ class VLLMEngine:
             model=self.config.model_id,
             seconds=round(time.monotonic() - started, 1),
             kv_cache_blocks=llm.vllm_config.cache_config.num_gpu_blocks,
+            measured_bytes=self._footprint,
         )
 
     def _engine(self) -> AsyncLLM:
@@ -328,6 +342,10 @@ class VLLMEngine:
         """Unfinished requests in vLLM's output processor (running or queued in the engine core)."""
         llm = self._llm
         return 0 if llm is None else llm.get_num_unfinished_requests()
+
+    def memory_footprint(self) -> int | None:
+        """What the engine held on its GPU right after its start (see device.footprint_of); None on the CPU."""
+        return self._footprint
 
     async def check_health(self) -> None:
         """Raise EngineDead unless the engine core is alive."""
