@@ -24,6 +24,7 @@ from llm_service.sizing.estimate import (
     kv_dtype_bytes,
     model_shape,
 )
+from llm_service.sizing.load_time import load_time
 from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, model_metadata
 from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
 
@@ -143,6 +144,16 @@ def _engine_args(inputs: SlotInputs, plan: SlotPlan, device: str) -> dict[str, A
     return {**defaults, **inputs.engine_args}
 
 
+def _expected_load_seconds(inputs: SlotInputs, plan: SlotPlan, device: str) -> float | None:
+    """The plan's estimate of one start: warm when the weights are on disk, else cold."""
+    request = inputs.request
+    if plan.weights is None or request.shape is None:
+        return None
+    vision = request.vision and bool(request.shape.vision_params)
+    estimate = load_time(plan.weights, device, enforce_eager=request.enforce_eager, vision=vision)
+    return estimate.warm if inputs.meta.weights_on_disk else estimate.cold
+
+
 def build_slot_configs(
     llm: LLMSettings, device: str, device_memory: int | None, *, hub: bool | None = None
 ) -> list[tuple[EngineConfig, bool]]:
@@ -165,6 +176,7 @@ def build_slot_configs(
             unloadable=slot_plan.unloadable,
             aliases=tuple(alias for alias, target in GUIDE_MODEL_ALIASES.items() if target == slot_plan.model_id),
             kind=slot_kind(slot_plan.slot),
+            expected_load_seconds=_expected_load_seconds(slot_inputs_, slot_plan, device),
         )
         configs.append((config, slot_plan.preload))
     return configs

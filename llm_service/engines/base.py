@@ -50,6 +50,8 @@ class EngineConfig:
     # "generate" (chat and completions), "embedding" (a pooling model behind /v1/embeddings) or
     # "rerank" (a cross-encoder behind /v1/rerank).
     kind: str = "generate"
+    # What the sizing plan expects a start of this engine to take (an estimate; None: unknown).
+    expected_load_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,7 @@ class ModelRegistry:
 
             def _done(t: asyncio.Task[None]) -> None:
                 slot.load_task = None
+                slot.load_eta = None
                 if not t.cancelled():
                     t.exception()  # retrieved here; awaiters see it through the shield
                 self._notify()
@@ -311,6 +312,7 @@ class ModelRegistry:
             slot.failures = 0
             slot.loaded_at = time.time()
             slot.loaded_since = slot.last_used = self._clock()
+            slot.last_load_seconds = elapsed
             self._metrics.model_loaded.labels(model=slot.name).set(1)
             self._metrics.model_memory_share.labels(model=slot.name).set(slot.config.memory_share)
             record_footprint(slot, engine.memory_footprint(), self._memory, self._metrics)
@@ -337,6 +339,8 @@ class ModelRegistry:
                         param="model",
                         retry_after=max(5.0, self.policy.eviction_wait),
                     )
+                if decision.evict and slot.expected_load_seconds:
+                    slot.load_eta = now + slot.expected_load_seconds  # refusal() answers its waiters
                 for name in decision.evict:
                     victim = self._slots[name]
                     log.info("model_evicting", slot=name, for_slot=slot.name)

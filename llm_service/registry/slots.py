@@ -69,10 +69,18 @@ class Slot:
     # device (None: not measured); kept across unloads, so the next load makes room for it.
     measured_bytes: int | None = None
     measured_share: float | None = None
+    last_load_seconds: float | None = None  # how long its last successful load took
+    # Monotonic clock at which a load that evicts other slots is expected to end (None: no such load).
+    load_eta: float | None = None
 
     @property
     def name(self) -> str:
         return self.config.slot
+
+    @property
+    def expected_load_seconds(self) -> float | None:
+        """How long a load of this slot takes: its last measured load, else the plan's estimate."""
+        return self.last_load_seconds or self.config.expected_load_seconds
 
     @property
     def held_share(self) -> float:
@@ -107,6 +115,15 @@ class Slot:
         is not over. None: it may wait (or be served)."""
         if self.load_refused is not None and self.load_refused[0] >= arrived:
             return self.load_refused[1]
+        if self.load_eta is not None and self.load_eta > arrived + policy.load_wait:
+            # A load that evicts others and ends after this request's wait bound: say so now.
+            return ModelUnavailable(
+                f"model {self.name!r} is loading (evicting other models); the load is expected to take "
+                f"about {self.expected_load_seconds or 0:.0f} s, longer than the wait bound of "
+                f"{policy.load_wait:.0f} s (LLM_LOAD_WAIT_SECONDS); retry after it",
+                param="model",
+                retry_after=max(1.0, self.load_eta - now),
+            )
         if self.error is None or self.load_task is not None:
             return None
         if self.state is SlotState.UNLOADING:

@@ -44,6 +44,11 @@ class ModelMetadata:
     def has(self, pattern: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for name in self.files)
 
+    @property
+    def weights_on_disk(self) -> bool:
+        """A local folder, or a cached snapshot with weights: a load need not download them."""
+        return self.source == "local" or (self.source == "cache" and self.has("*.safetensors"))
+
 
 def hub_allowed() -> bool:
     """False when the Hugging Face offline switches are set."""

@@ -250,3 +250,10 @@ def test_the_api_processs_cuda_context_has_its_own_term() -> None:
     assert plan_on(22.05, gpu_memory_utilization=0.97, preload_models=["standard"]).fits
     cpu, _ = sizing_plan_with_sources(llm(), "cpu", 8 * GIB, hub=False)
     assert cpu.device.outside_engines == 0
+
+
+def test_each_gpu_slot_carries_the_plans_load_estimate() -> None:
+    built = configs(80)
+    # Nothing cached here: every estimate is the cold one, and the multimodal one outlasts the bound.
+    assert built["multimodal"][0].expected_load_seconds == 190
+    assert all(config.expected_load_seconds for config, _ in built.values())
