@@ -152,6 +152,7 @@ class Slot:
             "memory_share": self.config.memory_share,
             "memory_planned_bytes": planned,
             "memory_measured_bytes": self.measured_bytes,
+            "last_load_seconds": None if self.last_load_seconds is None else round(self.last_load_seconds, 1),
             "max_model_len": self.config.max_model_len,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
