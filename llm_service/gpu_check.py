@@ -252,9 +252,10 @@ class ServiceProcess:
     def kill_engine(self) -> str:
         import psutil
 
-        # GPU-only: vLLM names its engine core processes VLLM::EngineCore.
+        # GPU-only: vLLM titles its engine core processes VLLM::EngineCore (the kernel's name of a
+        # process keeps 15 characters of it).
         for child in psutil.Process(self.process.pid).children(recursive=True):
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
+            if "EngineCor" in " ".join(child.cmdline()) or "EngineCor" in child.name():
                 child.send_signal(signal.SIGKILL)
                 return f"SIGKILL to engine core pid {child.pid}"
         raise RuntimeError("no engine core process found")
