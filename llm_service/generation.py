@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from llm_service.admission import AdmissionController
+from llm_service.admission import AdmissionController, Work
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
@@ -367,11 +367,9 @@ class GenerationService:
         """Admit the request, acquire the slot, render and check the prompt, start the engine."""
         slot = stream.result.slot
         admission = None
-        if self.admission is not None:  # refused at once (429) past the slot's or the service's bound
+        if self.admission is not None:  # refused at once (429) past a count bound
             admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
         engine = await stream.enter(self.registry.acquire(slot))
-        if admission is not None:
-            admission.start_running(engine.capacity())
         try:
             rendered = await engine.render(spec.prompt_input())
         except InvalidImage as exc:
@@ -383,6 +381,9 @@ class GenerationService:
             raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
         stream.result.prompt = rendered.text
         sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
+        if admission is not None:  # refused at once (429) when it could not start before its deadline
+            work = Work(sampling.n, sampling.n * (rendered.prompt_tokens + sampling.max_tokens))
+            admission.start(work, engine.capacity(), spec.deadline)
         # The client's request id may repeat (X-Request-ID); the engine's must be unique.
         engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
         await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
