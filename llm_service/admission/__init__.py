@@ -1,4 +1,4 @@
-"""Admission control: whom to admit to a slot (policy.py) and the per-slot counts and work it decides on (controller.py)."""
+"""Admission control: whom to admit (policy.py) and the per-slot counts and work it decides on (controller.py)."""
 
 from llm_service.admission.controller import Admission, AdmissionController, DrainMeter
 from llm_service.admission.policy import (

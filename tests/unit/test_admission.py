@@ -188,7 +188,8 @@ async def test_a_flood_is_refused_at_once_and_the_admitted_are_served():
         assert all(retry == "1" for status, _, retry in results if status == 429)
         assert live and set(live) == {200}
         p99 = refused[math.ceil(0.99 * len(refused)) - 1]
-        print(f"\nflood of {20 * at_once}: {len(served)} served, {len(refused)} refused, refusal p99 {p99 * 1000:.1f} ms")
+        print(f"\nflood of {20 * at_once}: {len(served)} served, {len(refused)} refused, "
+              f"refusal p99 {p99 * 1000:.1f} ms")
         text = (await client.get("/metrics")).text
         assert metric(text, "llm_requests_refused_total", model="standard", reason="queue") == len(refused)
         assert metric(text, "llm_requests_waiting", model="standard") == 0
