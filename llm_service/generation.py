@@ -18,6 +18,7 @@ from llm_service.admission import AdmissionController, Work
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
+from llm_service.deadlines import before_deadline, deadline_passed
 from llm_service.engines.base import (
     ChatConfig,
     Engine,
@@ -294,12 +295,9 @@ class GenerationService:
         """
         slot = self.registry.find(spec.slot)
         spec.record.slot = slot.name
-        try:
-            # The deadline covers everything up to the first delta, waiting for a load included.
-            async with asyncio.timeout_at(spec.deadline):
-                return await self._open(spec, slot.name)
-        except TimeoutError as exc:
-            raise self.deadline_passed(slot.name) from exc
+        # The deadline covers everything up to the first delta, waiting for a load included.
+        async with before_deadline(spec.deadline, self.metrics, slot.name):
+            return await self._open(spec, slot.name)
 
     def _slot_key_material(self, chat: ChatConfig) -> dict[str, Any] | None:
         """cache_key_extra(chat), computed on a slot's first cacheable request and kept."""
@@ -311,8 +309,7 @@ class GenerationService:
 
     def deadline_passed(self, slot: str) -> DeadlineExceeded:
         """The error of a request past its deadline (its engine request is aborted by then)."""
-        self.metrics.requests_timed_out.labels(model=slot).inc()
-        return DeadlineExceeded("the request took longer than its timeout; it was stopped")
+        return deadline_passed(self.metrics, slot)
 
     async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
         slot = self.registry.slot(slot_name)
