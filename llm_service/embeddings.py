@@ -5,7 +5,6 @@ The HTTP shape lives in api/embeddings.py; this module knows inputs, vectors and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import struct
@@ -21,7 +20,7 @@ from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_record import RequestRecord
-from llm_service.retrieval import start_request, traced
+from llm_service.retrieval import admitted_engine, start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 
 EMBEDDING_SCHEMA_VERSION = 1
@@ -196,11 +195,7 @@ class EmbeddingService:
         """Embed the inputs at `missing` as one batch; token limits and admission checked before the
         engine sees any."""
         inputs = [all_inputs[i] for i in missing]
-        async with contextlib.AsyncExitStack() as stack:
-            admission = None
-            if self._admission is not None:  # refused at once (429) past a count bound
-                admission = await stack.enter_async_context(self._admission.admit(slot, len(inputs)))
-            engine = await stack.enter_async_context(self._registry.acquire(slot))
+        async with admitted_engine(self._registry, self._admission, slot, len(inputs)) as (engine, admission):
             if not isinstance(engine, Embedder):
                 raise InvalidRequest(f"model {slot!r} cannot embed", param="model")
             texts = [item for item in inputs if isinstance(item, str)]

@@ -7,7 +7,6 @@ per-pair cache would cost a Redis round trip per document for little gain.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_record import RequestRecord
-from llm_service.retrieval import start_request, traced
+from llm_service.retrieval import admitted_engine, start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 
 PAIR_SPECIAL_TOKENS = 8  # separators and begin/end tokens a cross-encoder adds to a pair, at most
@@ -129,11 +128,7 @@ class RerankService:
         self, slot: str, max_model_len: int, query: str, documents: list[str], request_id: str, deadline: float | None
     ) -> list[PairScore]:
         """Admit the pairs, then score them on the slot's engine as one batch."""
-        async with contextlib.AsyncExitStack() as stack:
-            admission = None
-            if self._admission is not None:  # refused at once (429) past a count bound
-                admission = await stack.enter_async_context(self._admission.admit(slot, len(documents)))
-            engine = await stack.enter_async_context(self._registry.acquire(slot))
+        async with admitted_engine(self._registry, self._admission, slot, len(documents)) as (engine, admission):
             if not isinstance(engine, Reranker):
                 raise InvalidRequest(f"model {slot!r} cannot rerank", param="model")
             if admission is not None:  # by the pairs and their tokens, against the deadline

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_service.admission import Admission, AdmissionController
+from llm_service.engines.base import Engine
 from llm_service.errors import InvalidRequest, outcome_of, to_service_error
 from llm_service.registry import ModelRegistry, Slot
 from llm_service.request_record import RequestRecord
@@ -96,3 +98,17 @@ def traced(trace: Trace) -> Iterator[TraceSummary]:
             error=error,
             details=summary.details,
         )
+
+
+@asynccontextmanager
+async def admitted_engine(
+    registry: ModelRegistry, admission: AdmissionController | None, slot: str, sequences: int
+) -> AsyncIterator[tuple[Engine, Admission | None]]:
+    """The slot's engine, held for the block, after admission on arrival (429 at once past a count
+    bound); the Admission (None without admission control) then takes the request's work."""
+    async with AsyncExitStack() as stack:
+        admitted = None
+        if admission is not None:
+            admitted = await stack.enter_async_context(admission.admit(slot, sequences))
+        engine = await stack.enter_async_context(registry.acquire(slot))
+        yield engine, admitted
