@@ -195,7 +195,9 @@ class EmbeddingService:
         """Embed the inputs at `missing` as one batch; token limits and admission checked before the
         engine sees any."""
         inputs = [all_inputs[i] for i in missing]
-        async with admitted_engine(self._registry, self._admission, slot, len(inputs)) as (engine, admission):
+        # Before tokenizing: a token-id input's tokens, at least one for a text.
+        least = Work(len(inputs), sum(1 if isinstance(item, str) else len(item) for item in inputs))
+        async with admitted_engine(self._registry, self._admission, slot, least, deadline) as (engine, admission):
             if not isinstance(engine, Embedder):
                 raise InvalidRequest(f"model {slot!r} cannot embed", param="model")
             texts = [item for item in inputs if isinstance(item, str)]

@@ -364,8 +364,9 @@ class GenerationService:
         """Admit the request, acquire the slot, render and check the prompt, start the engine."""
         slot = stream.result.slot
         admission = None
-        if self.admission is not None:  # refused at once (429) past a count bound
-            admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
+        if self.admission is not None:  # refused at once (429) past a count bound, or by its least work
+            admission = await stream.enter(self.admission.admit(slot, self._least_work(slot, spec.sampling),
+                                                                spec.deadline))
         engine = await stream.enter(self.registry.acquire(slot))
         try:
             rendered = await engine.render(spec.prompt_input())
@@ -407,6 +408,12 @@ class GenerationService:
         async for _ in stream:
             pass
         return stream.result
+
+    def _least_work(self, slot: str, sampling: SamplingOptions) -> Work:
+        """A lower bound of a request's work before its prompt is rendered: at least one prompt token
+        plus max_tokens (or the default max_tokens, or the context, whichever is less) per choice."""
+        tokens = sampling.max_tokens or min(self.default_max_tokens, self.registry.slot(slot).config.max_model_len)
+        return Work(sampling.n, sampling.n * tokens)
 
     def _bounded(self, engine: Engine, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
         """Fill in the default max_tokens and check the prompt (image tokens included) fits the context."""

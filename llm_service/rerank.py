@@ -128,12 +128,12 @@ class RerankService:
         self, slot: str, max_model_len: int, query: str, documents: list[str], request_id: str, deadline: float | None
     ) -> list[PairScore]:
         """Admit the pairs, then score them on the slot's engine as one batch."""
-        async with admitted_engine(self._registry, self._admission, slot, len(documents)) as (engine, admission):
+        work = Work(len(documents), pair_tokens(query, documents, max_model_len))  # known before the engine
+        async with admitted_engine(self._registry, self._admission, slot, work, deadline) as (engine, admission):
             if not isinstance(engine, Reranker):
                 raise InvalidRequest(f"model {slot!r} cannot rerank", param="model")
-            if admission is not None:  # by the pairs and their tokens, against the deadline
-                admission.start(Work(len(documents), pair_tokens(query, documents, max_model_len)),
-                                engine.capacity(), deadline)
+            if admission is not None:
+                admission.start(work, engine.capacity(), deadline)
             return await engine.rerank(request_id, query, documents)
 
 

@@ -7,7 +7,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_service.admission import Admission, AdmissionController
+from llm_service.admission import Admission, AdmissionController, Work
 from llm_service.engines.base import Engine
 from llm_service.errors import InvalidRequest, outcome_of, to_service_error
 from llm_service.registry import ModelRegistry, Slot
@@ -102,13 +102,14 @@ def traced(trace: Trace) -> Iterator[TraceSummary]:
 
 @asynccontextmanager
 async def admitted_engine(
-    registry: ModelRegistry, admission: AdmissionController | None, slot: str, sequences: int
+    registry: ModelRegistry, admission: AdmissionController | None, slot: str, least: Work, deadline: float | None
 ) -> AsyncIterator[tuple[Engine, Admission | None]]:
     """The slot's engine, held for the block, after admission on arrival (429 at once past a count
-    bound); the Admission (None without admission control) then takes the request's work."""
+    bound, or when even `least`, a lower bound of the request's work, could not start before
+    `deadline`); the Admission (None without admission control) then takes the request's work."""
     async with AsyncExitStack() as stack:
         admitted = None
         if admission is not None:
-            admitted = await stack.enter_async_context(admission.admit(slot, sequences))
+            admitted = await stack.enter_async_context(admission.admit(slot, least, deadline))
         engine = await stack.enter_async_context(registry.acquire(slot))
         yield engine, admitted

@@ -51,24 +51,34 @@ class DrainMeter:
 
 
 @dataclass
+class _Held:
+    work: Work  # a lower bound of the request's work until it starts, then its work
+    started: bool = False  # given to the engine
+
+
+@dataclass
 class _SlotState:
-    waiting: int = 0  # sequences admitted on arrival, not given to the engine yet (a load, say)
-    held: dict[int, Work] = field(default_factory=dict)  # given to the engine, oldest first
+    held: dict[int, _Held] = field(default_factory=dict)  # admitted and not finished, oldest first
     capacity: EngineCapacity | None = None
     drain: DrainMeter = field(default_factory=DrainMeter)
 
-    def held_work(self) -> Work:
+    def held_work(self, exclude: int | None = None) -> Work:
         total = NO_WORK
-        for work in self.held.values():
-            total = total + work
+        for key, held in self.held.items():
+            if key != exclude:
+                total = total + held.work
         return total
 
+    def busy(self) -> bool:
+        return any(held.started for held in self.held.values())
+
     def running(self) -> int:
-        """Sequences the engine runs now: the oldest held requests, as many as fit at once."""
+        """Sequences the engine runs now: the oldest started requests, as many as fit at once."""
+        started = [held.work for held in self.held.values() if held.started]
         if self.capacity is None:
-            return sum(w.sequences for w in self.held.values())
+            return sum(work.sequences for work in started)
         running = NO_WORK
-        for work in self.held.values():
+        for work in started:
             if not fits_at_once(self.capacity, running, work) and running.sequences:
                 break
             running = running + work
@@ -100,12 +110,12 @@ class AdmissionController:
     def loads(self) -> dict[str, SlotLoad]:
         return {name: self._load(name, state) for name, state in self._slots.items()}
 
-    def _load(self, slot: str, state: _SlotState) -> SlotLoad:
+    def _load(self, slot: str, state: _SlotState, exclude: int | None = None) -> SlotLoad:
         capacity = self._loaded_capacity(slot)
         if capacity is not None:
             state.capacity = capacity
-        held = state.held_work()
-        return SlotLoad(state.waiting + held.sequences, held, state.capacity, state.drain.rate())
+        held = state.held_work(exclude)
+        return SlotLoad(held.sequences, held, state.capacity, state.drain.rate())
 
     def snapshot(self) -> dict[str, dict[str, int | float | None]]:
         """Per slot (for /health and tests): waiting and running requests, the tokens held, the
@@ -127,22 +137,28 @@ class AdmissionController:
         return figures
 
     @contextlib.asynccontextmanager
-    async def admit(self, slot: str, sequences: int = 1) -> AsyncIterator[Admission]:
-        """Admit `sequences` to wait for `slot`'s engine until the context exits; raise Overloaded
-        (429) at once past a count bound. `Admission.start` then gives the engine its work."""
-        self._refuse(slot, self.policy.arrival_refusal(slot, sequences, self.loads()))
+    async def admit(self, slot: str, least: Work, deadline: float | None = None) -> AsyncIterator[Admission]:
+        """Admit a request to wait for `slot`'s engine until the context exits, or raise Overloaded
+        (429) at once: past a count bound, or when even `least` (a lower bound of its work, known
+        before the engine renders it) could not start before `deadline` (event-loop time; None:
+        none). `Admission.start` then decides on its exact work."""
+        loads = self.loads()
+        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
+        if refusal is None:
+            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
+        self._refuse(slot, refusal)
         state = self._slots[slot]
-        admission = Admission(self, slot, sequences)
-        state.waiting += sequences
+        key = next(self._ids)
+        state.held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
         self._publish(slot)
         try:
-            yield admission
+            yield Admission(self, slot, key)
         finally:
-            if admission.key is None:
-                state.waiting -= sequences
-            else:
-                state.drain.tick(self._clock(), busy=True)
-                state.drain.release(state.held.pop(admission.key))
+            busy = state.busy()
+            held = state.held.pop(key)
+            if held.started:
+                state.drain.tick(self._clock(), busy)
+                state.drain.release(held.work)
             self._publish(slot)
 
     def _refuse(self, slot: str, refusal: Refusal | None) -> None:
@@ -150,39 +166,39 @@ class AdmissionController:
             self._metrics.requests_refused.labels(model=slot, reason=refusal.reason).inc()
             raise Overloaded(refusal.message, param="model", retry_after=refusal.retry_after)
 
-    def _start(self, admission: Admission, work: Work, capacity: EngineCapacity, deadline: float | None) -> int:
-        state = self._slots[admission.slot]
+    def _start(self, slot: str, key: int, work: Work, capacity: EngineCapacity, deadline: float | None) -> None:
+        state = self._slots[slot]
         state.capacity = capacity
-        seconds_left = math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
-        load = self._load(admission.slot, state)
-        self._refuse(admission.slot, self.policy.work_refusal(admission.slot, work, load, seconds_left))
-        state.drain.tick(self._clock(), busy=bool(state.held))
-        key = next(self._ids)
-        state.waiting -= admission.sequences
-        state.held[key] = work
-        self._publish(admission.slot)
-        return key
+        load = self._load(slot, state, exclude=key)
+        self._refuse(slot, self.policy.work_refusal(slot, work, load, _seconds_left(deadline)))
+        state.drain.tick(self._clock(), state.busy())
+        state.held[key] = _Held(work, started=True)
+        self._publish(slot)
 
     def _publish(self, slot: str) -> None:
         state = self._slots[slot]
         running = state.running()
-        pending = state.waiting + state.held_work().sequences
-        self._metrics.requests_waiting.labels(model=slot).set(pending - running)
+        self._metrics.requests_waiting.labels(model=slot).set(state.held_work().sequences - running)
         self._metrics.requests_running.labels(model=slot).set(running)
+
+
+def _seconds_left(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 class Admission:
     """One request admitted to wait for a slot; `start(work, ...)` once its work is known and it
     holds the slot's engine."""
 
-    def __init__(self, controller: AdmissionController, slot: str, sequences: int) -> None:
+    def __init__(self, controller: AdmissionController, slot: str, key: int) -> None:
         self._controller = controller
         self.slot = slot
-        self.sequences = sequences
-        self.key: int | None = None  # set once the engine has the work
+        self._key = key
+        self.started = False
 
     def start(self, work: Work, capacity: EngineCapacity, deadline: float | None = None) -> None:
         """Give the engine `work`, or raise Overloaded (429) when it could not start before `deadline`
         (event-loop time; None: no deadline)."""
-        if self.key is None:
-            self.key = self._controller._start(self, work, capacity, deadline)
+        if not self.started:
+            self._controller._start(self.slot, self._key, work, capacity, deadline)
+            self.started = True
