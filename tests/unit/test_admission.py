@@ -9,6 +9,7 @@ import time
 import pytest
 
 from llm_service.admission import (
+    AdmissionController,
     AdmissionLimits,
     AdmissionPolicy,
     DrainMeter,
@@ -19,6 +20,8 @@ from llm_service.admission import (
     requests_at_once,
 )
 from llm_service.engines.base import EngineCapacity
+from llm_service.errors import Overloaded
+from llm_service.metrics import Metrics
 from tests.metrics_text import metric
 
 from .app_client import app_client
@@ -124,6 +127,26 @@ def test_drain_meter_measures_release_per_busy_second():
     rate = meter.rate()
     assert rate is not None
     assert rate.tokens_per_second == pytest.approx(500.0) and rate.sequences_per_second == pytest.approx(1.0)
+
+
+async def test_arrivals_reserve_their_least_work_until_their_exact_work_replaces_it():
+    now = iter(range(100))
+    controller = AdmissionController(["a"], AdmissionPolicy(AdmissionLimits(per_batch=1.0)), Metrics(),
+                                     lambda slot: CAPACITY, clock=lambda: float(next(now)))
+    async with controller.admit("a", Work(1, 5_000)) as first, controller.admit("a", Work(1, 4_000)) as second:
+        # Neither has started, yet a third is weighed against both reservations (no queue at per_batch 1).
+        with pytest.raises(Overloaded):
+            async with controller.admit("a", Work(1, 1_001)):
+                pass
+        first.start(Work(1, 6_000), CAPACITY)  # its prompt: 1,000 tokens more than reserved
+        with pytest.raises(Overloaded):
+            second.start(Work(1, 4_500), CAPACITY)
+        assert controller.snapshot()["a"] | {"drain_tokens_per_second": None} == {
+            "waiting": 1, "running": 1, "held_tokens": 10_000, "kv_cache_tokens": 10_000, "max_num_seqs": 8,
+            "drain_tokens_per_second": None, "bound": None,
+        }
+    assert controller.snapshot()["a"]["held_tokens"] == 0
+    assert controller.snapshot()["a"]["drain_tokens_per_second"] == 6_000  # drained in one second of the clock
 
 
 @pytest.mark.parametrize(
