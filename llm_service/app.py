@@ -116,6 +116,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
         cache = build_cache(settings, metrics)
         tracer = build_tracer(settings)
         coalescer = Coalescer(CachePolicy(settings.llm), cache, metrics)
+        admission = build_admission(settings, registry, metrics)  # one for every surface
         app.state.resources = Resources(
             settings=settings,
             metrics=metrics,
@@ -126,7 +127,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 settings.llm.default_max_tokens,
                 coalescer=coalescer,
                 tracer=tracer,
-                admission=build_admission(settings, registry, metrics),
+                admission=admission,
             ),
             started_at=time.time(),
             cache=cache,
@@ -140,8 +141,11 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 ttl=settings.llm.cache_ttl_seconds,
                 max_inputs=settings.llm.embedding_max_inputs,
                 tracer=tracer,
+                admission=admission,
             ),
-            rerank=RerankService(registry, metrics, max_documents=settings.llm.rerank_max_documents, tracer=tracer),
+            rerank=RerankService(
+                registry, metrics, max_documents=settings.llm.rerank_max_documents, tracer=tracer, admission=admission
+            ),
             api_keys=ApiKeys(settings.llm.api_key_set()),
             drain=drain,
         )

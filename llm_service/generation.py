@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from llm_service.admission import AdmissionController
+from llm_service.admission import AdmissionController, Work
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
+from llm_service.deadlines import before_deadline, deadline_passed
 from llm_service.engines.base import (
     ChatConfig,
     Engine,
@@ -294,12 +295,9 @@ class GenerationService:
         """
         slot = self.registry.find(spec.slot)
         spec.record.slot = slot.name
-        try:
-            # The deadline covers everything up to the first delta, waiting for a load included.
-            async with asyncio.timeout_at(spec.deadline):
-                return await self._open(spec, slot.name)
-        except TimeoutError as exc:
-            raise self.deadline_passed(slot.name) from exc
+        # The deadline covers everything up to the first delta, waiting for a load included.
+        async with before_deadline(spec.deadline, self.metrics, slot.name):
+            return await self._open(spec, slot.name)
 
     def _slot_key_material(self, chat: ChatConfig) -> dict[str, Any] | None:
         """cache_key_extra(chat), computed on a slot's first cacheable request and kept."""
@@ -311,8 +309,7 @@ class GenerationService:
 
     def deadline_passed(self, slot: str) -> DeadlineExceeded:
         """The error of a request past its deadline (its engine request is aborted by then)."""
-        self.metrics.requests_timed_out.labels(model=slot).inc()
-        return DeadlineExceeded("the request took longer than its timeout; it was stopped")
+        return deadline_passed(self.metrics, slot)
 
     async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
         slot = self.registry.slot(slot_name)
@@ -367,11 +364,10 @@ class GenerationService:
         """Admit the request, acquire the slot, render and check the prompt, start the engine."""
         slot = stream.result.slot
         admission = None
-        if self.admission is not None:  # refused at once (429) past the slot's or the service's bound
-            admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
+        if self.admission is not None:  # refused at once (429) past a count bound, or by its least work
+            admission = await stream.enter(self.admission.admit(slot, self._least_work(slot, spec.sampling),
+                                                                spec.deadline))
         engine = await stream.enter(self.registry.acquire(slot))
-        if admission is not None:
-            admission.start_running(engine.capacity())
         try:
             rendered = await engine.render(spec.prompt_input())
         except InvalidImage as exc:
@@ -383,6 +379,9 @@ class GenerationService:
             raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
         stream.result.prompt = rendered.text
         sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
+        if admission is not None:  # refused at once (429) when it could not start before its deadline
+            work = Work(sampling.n, sampling.n * (rendered.prompt_tokens + sampling.max_tokens))
+            admission.start(work, engine.capacity(), spec.deadline)
         # The client's request id may repeat (X-Request-ID); the engine's must be unique.
         engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
         await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
@@ -409,6 +408,12 @@ class GenerationService:
         async for _ in stream:
             pass
         return stream.result
+
+    def _least_work(self, slot: str, sampling: SamplingOptions) -> Work:
+        """A lower bound of a request's work before its prompt is rendered: at least one prompt token
+        plus max_tokens (or the default max_tokens, or the context, whichever is less) per choice."""
+        tokens = sampling.max_tokens or min(self.default_max_tokens, self.registry.slot(slot).config.max_model_len)
+        return Work(sampling.n, sampling.n * tokens)
 
     def _bounded(self, engine: Engine, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
         """Fill in the default max_tokens and check the prompt (image tokens included) fits the context."""

@@ -144,7 +144,7 @@ class Metrics:
         self.requests_waiting = Gauge(
             "llm_requests_waiting",
             "Admitted requests not yet running: waiting for the slot to load or queued beyond what "
-            "its engine batches (scale out on this).",
+            "its engine runs at once (KV cache and batch) (scale out on this).",
             ["model"],
             registry=r,
         )
@@ -153,7 +153,8 @@ class Metrics:
         )
         self.requests_refused = Counter(
             "llm_requests_refused",
-            "Requests refused with 429 by admission control (reason: slot or total bound).",
+            "Requests refused with 429 by admission control (reason: queue, could not start before its deadline; "
+            "slot or total, a count bound).",
             ["model", "reason"],
             registry=r,
         )

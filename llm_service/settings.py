@@ -245,18 +245,19 @@ class LLMSettings(BaseSettings):
     max_pending_per_slot: int = Field(
         0,
         ge=0,
-        description="Most requests running in a slot's engine plus waiting for it; more get 429 "
-        "(0 = LLM_PENDING_PER_BATCH times what the loaded engine batches).",
+        description="Most requests (sequences) running in a slot's engine plus waiting for it; more get 429 "
+        "(0 = no count bound: admission by work, what the engine holds and drains before the deadline).",
     )
     max_pending_total: int = Field(
-        0, ge=0, description="Most requests running or waiting over all slots; more get 429 (0 = sum of the slots')."
+        0, ge=0, description="Most requests running or waiting over all slots; more get 429 (0 = no count bound)."
     )
     pending_per_batch: float = Field(
         2.0,
         ge=1.0,
         le=100.0,
-        description="A slot admits this many times the sequences its engine batches at once (the smaller of "
-        "max_num_seqs and KV cache tokens / max_model_len), when LLM_MAX_PENDING_PER_SLOT is 0.",
+        description="Until a slot's drain rate is measured (its first finished request), the work it holds "
+        "(running plus queued) may reach this many times what its engine runs at once (KV cache tokens "
+        "and max_num_seqs); past it 429.",
     )
     max_pending_before_load: int = Field(
         64, ge=1, description="Per-slot bound while the slot's engine has not loaded yet (its capacity unknown)."

@@ -108,3 +108,15 @@ def test_invalid_settings_and_sizes_are_refused(tmp_path: Path) -> None:
     assert run_plan("--device", "cuda", "--device-memory", "lots", cache=tmp_path).returncode == 2
     result = run_plan("--device", "cuda", "--device-memory", "24GiB", cache=tmp_path, LLM_MIN_MODEL_LEN="10")
     assert result.returncode == 2 and "LLM_MIN_MODEL_LEN" in result.stderr
+
+
+def test_the_24_gib_plan_admits_eight_concurrent_rag_requests_on_standard(tmp_path: Path) -> None:
+    # The figures of the bundled configs (no weights cached): what admission lets run at once.
+    _, plan = plan_json(24, tmp_path)
+    standard = next(slot for slot in plan["slots"] if slot["slot"] == "standard")
+    at_once = standard["admitted_at_once"]
+    assert at_once["1000"] >= 8, standard
+    assert at_once["1000"] == min(standard["max_num_seqs"], standard["kv_tokens"] // 1000)
+    assert at_once["4000"] == min(standard["max_num_seqs"], standard["kv_tokens"] // 4000)
+    text = run_plan("--device", "cuda", "--device-memory", "24GiB", cache=tmp_path).stdout
+    assert "AT ONCE 1K" in text and "AT ONCE 4K" in text
