@@ -60,7 +60,9 @@ def cache_key(
 
     Computed from the raw request and the slot's configuration, never from the engine, so a
     hit needs no loaded model. max_tokens 0 ("the default, capped by the context") is resolved
-    by the engine from default_max_tokens and max_model_len, so both are part of the key.
+    by the engine from default_max_tokens and max_model_len, so both are part of the key. The
+    device and the engine arguments (the dtype the backend chose on this host among them, see
+    app.with_host_args; quantization and adapters) change the numerics, so they are too.
     """
     params = dataclasses.asdict(sampling)
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
@@ -71,6 +73,7 @@ def cache_key(
         "model": config.model_id,
         "revision": config.revision,
         "max_model_len": config.max_model_len,
+        "device": config.device,
         "engine_args": config.extra_args,
         "default_max_tokens": default_max_tokens,
         "prompt": prompt,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -472,8 +474,26 @@ def _key_extra(
 
 
 def cache_key_extra(chat: ChatConfig) -> dict[str, Any] | None:
-    """Key material of a plain text request on a slot: its chat template and tool parser, when not the default."""
-    return {"chat": dataclasses.asdict(chat)} if chat != ChatConfig() else None
+    """Key material of a plain text request on a slot: its chat template and tool parser, when not
+    the default. A template file counts by its content too: an edited file keeps its path."""
+    if chat == ChatConfig():
+        return None
+    material: dict[str, Any] = {"chat": dataclasses.asdict(chat)}
+    template = _template_file(chat.chat_template)
+    if template is not None:
+        material["chat_template_sha256"] = hashlib.sha256(template.read_bytes()).hexdigest()
+    return material
+
+
+def _template_file(template: str | None) -> Path | None:
+    """The chat template's file, None when it is the model's own or given inline."""
+    if template is None or "\n" in template or "{" in template:
+        return None
+    try:
+        path = Path(template)
+        return path if path.is_file() else None
+    except OSError:  # a name too long for the file system: an inline template
+        return None
 
 
 def _round(value: float | None) -> float | None:
