@@ -30,6 +30,7 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     """Store the entry the service would store for a greedy /generate of PROMPT (16 tokens)."""
     from redis import Redis as RedisClient
 
+    from llm_service.app import vllm_backend, with_host_args
     from llm_service.cache import CachedChoice, CachedResponse, CachePolicy
     from llm_service.cache_control import CacheControl
     from llm_service.engines.base import SamplingOptions
@@ -45,9 +46,10 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    # The slot's configuration as the service builds it (chat template and tool parser are key material).
+    # The slot's configuration as the service builds it (chat template, tool parser and the dtype
+    # the backend picks on this host are key material).
     slots = with_frontend(build_slot_configs(settings.llm, "cpu", None), settings)
-    config = next(c for c, _ in slots if c.slot == "standard")
+    config = with_host_args(next(c for c, _ in slots if c.slot == "standard"), vllm_backend("cpu"))
     sampling = SamplingOptions(max_tokens=16, temperature=0.0)
     plan = CachePolicy(settings.llm).plan(
         CacheControl(), sampling, PROMPT, None, config, extra=cache_key_extra(config.chat)
@@ -55,7 +57,7 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     assert plan is not None
     text = "Apples, bananas and cherries are three fruits that many people like."
     entry = CachedResponse(config.model_id, PROMPT, 5, (CachedChoice(0, text, "stop", 16),), time.time())
-    RedisClient(port=redis_port).set(plan.key, entry.encode())
+    RedisClient(port=redis_port).set(plan.key, entry.encode(), ex=plan.ttl)
 
 
 def costed(pid: int, url: str, requests: int, concurrency: int, body: bytes | None = None) -> dict[str, Any]:

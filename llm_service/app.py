@@ -18,7 +18,8 @@ from llm_service.api import admin, embeddings, generate, health, openai, rerank
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
 from llm_service.api_keys import ApiKeys
-from llm_service.cache import CachePolicy, build_cache
+from llm_service.cache import CachePolicy
+from llm_service.cache_local import build_cache
 from llm_service.coalesce import Coalescer
 from llm_service.drain import Drain
 from llm_service.embeddings import EmbeddingService
@@ -173,6 +174,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             slots=registry.snapshot(),
         )
         registry.start(preload=settings.llm.load_on_startup)
+        await cache.start()
         try:
             yield
         finally:

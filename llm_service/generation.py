@@ -121,6 +121,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    cache_tier: str | None = None  # a hit's tier: "memory" (this replica's) or "redis"
     coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
@@ -139,10 +140,16 @@ class GenerationResult:
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
+        headers = {"X-Cache": self.cache_header()}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
+
+    def cache_header(self) -> str:
+        """X-Cache: HIT-MEMORY, HIT-REDIS, COALESCED or MISS."""
+        if self.cached:
+            return f"HIT-{(self.cache_tier or 'redis').upper()}"
+        return "COALESCED" if self.coalesced else "MISS"
 
     @property
     def completion_tokens(self) -> int:
@@ -360,6 +367,7 @@ class GenerationService:
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.cache_tier = served.tier
         result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
