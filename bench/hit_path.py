@@ -1,6 +1,6 @@
 """The cache-hit path alone: ours with no engine loaded, one entry seeded in Redis, `ab` on it.
 
-    python -m bench.hit_path [--requests 5000] [--profile] [--preload standard]
+    python -m bench.hit_path [--requests 5000] [--profile] [--preload standard] [--redis-only]
 
 A hit needs no engine (its key comes from the request and the slot's configuration), so this
 runs in seconds and measures only our HTTP, cache and serialization work, beside /health/live.
@@ -84,11 +84,15 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log-level", default="INFO", help="APP_LOG_LEVEL of the service (INFO as in production)")
     parser.add_argument("--preload", default="", help="slots to load first (e.g. standard): hits beside a live engine")
+    parser.add_argument(
+        "--redis-only", action="store_true", help="no in-process tier (LLM_CACHE_LOCAL_MAX_ENTRIES=0): hits from Redis"
+    )
     args = parser.parse_args()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     redis = Redis(out).launch()
-    env = service_env(free_port(), redis.port, args.preload, 0.35, True, APP_LOG_LEVEL=args.log_level)
+    tier = {"LLM_CACHE_LOCAL_MAX_ENTRIES": "0"} if args.redis_only else {}
+    env = service_env(free_port(), redis.port, args.preload, 0.35, True, APP_LOG_LEVEL=args.log_level, **tier)
     proc, base_url = service("ours-hit-path", env, out)
     try:
         seed_entry(env, redis.port)
@@ -108,7 +112,9 @@ def main() -> int:
                 f"p50 {level['p50_ms']:7.2f} ms p99 {level['p99_ms']:7.2f} ms "
                 f"cpu {level['cpu_ms_per_request']:.3f} ms/request failed {level['failed']}\n"
             )
-    (out / "hit-path.json").write_text(json.dumps(result, indent=2))
+    sys.stdout.write(f"X-Cache of a hit: {result['x_cache']}\n")
+    name = "hit-path-redis-only.json" if args.redis_only else "hit-path.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -65,7 +65,8 @@ def cache_key(
     device and the engine arguments (the dtype the backend chose on this host among them, see
     app.with_host_args; quantization and adapters) change the numerics, so they are too.
     """
-    params = dataclasses.asdict(sampling)
+    # A shallow copy: asdict's deep copy of every field showed in the hit path's profile.
+    params = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         params[name] = float(params[name])  # 0 and 0.0 are the same request
     material = {
