@@ -149,6 +149,8 @@ class TieredCache:
         self.local.clear()
         deleted = await self.redis.delete_matching(self.namespace, slot)
         if deleted is not None:
+            # Again: a Redis hit during the deletion may have refilled it with a deleted entry.
+            self.local.clear()
             await self.redis.publish(self.channel, slot or "*")
         return deleted
 
