@@ -74,6 +74,7 @@ def embedding_key(namespace: str, config: EngineConfig, item: EmbeddingInput, di
         "model": config.model_id,
         "revision": config.revision,
         "max_model_len": config.max_model_len,
+        "device": config.device,
         "engine_args": config.extra_args,
         "dimensions": dimensions,
         "input": item,

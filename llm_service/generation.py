@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -120,6 +122,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    cache_tier: str | None = None  # a hit's tier: "memory" (this replica's) or "redis"
     coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
@@ -138,10 +141,16 @@ class GenerationResult:
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
+        headers = {"X-Cache": self.cache_header()}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
+
+    def cache_header(self) -> str:
+        """X-Cache: HIT-MEMORY, HIT-REDIS, COALESCED or MISS."""
+        if self.cached:
+            return f"HIT-{(self.cache_tier or 'redis').upper()}"
+        return "COALESCED" if self.coalesced else "MISS"
 
     @property
     def completion_tokens(self) -> int:
@@ -355,6 +364,7 @@ class GenerationService:
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.cache_tier = served.tier
         result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
@@ -477,8 +487,26 @@ def _key_extra(
 
 
 def cache_key_extra(chat: ChatConfig) -> dict[str, Any] | None:
-    """Key material of a plain text request on a slot: its chat template and tool parser, when not the default."""
-    return {"chat": dataclasses.asdict(chat)} if chat != ChatConfig() else None
+    """Key material of a plain text request on a slot: its chat template and tool parser, when not
+    the default. A template file counts by its content too: an edited file keeps its path."""
+    if chat == ChatConfig():
+        return None
+    material: dict[str, Any] = {"chat": dataclasses.asdict(chat)}
+    template = _template_file(chat.chat_template)
+    if template is not None:
+        material["chat_template_sha256"] = hashlib.sha256(template.read_bytes()).hexdigest()
+    return material
+
+
+def _template_file(template: str | None) -> Path | None:
+    """The chat template's file, None when it is the model's own or given inline."""
+    if template is None or "\n" in template or "{" in template:
+        return None
+    try:
+        path = Path(template)
+        return path if path.is_file() else None
+    except OSError:  # a name too long for the file system: an inline template
+        return None
 
 
 def _round(value: float | None) -> float | None:

@@ -9,7 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 # Label values of llm_cache_errors_total{operation}: ping is the health check, not a slot's.
-CACHE_OPERATIONS = ("get", "set", "ping", "decode")
+CACHE_OPERATIONS = ("get", "set", "ping", "decode", "purge")
 
 
 class Metrics:
@@ -94,6 +94,18 @@ class Metrics:
         self.cache_misses = Counter(
             "llm_cache_misses", "Cacheable requests the response cache could not answer.", ["model"],
             registry=r,
+        )
+        self.cache_local_hits = Counter(
+            "llm_cache_local_hits", "Cache lookups answered by this replica's in-process tier.", ["model"], registry=r
+        )
+        self.cache_local_misses = Counter(
+            "llm_cache_local_misses", "Cache lookups the in-process tier passed on to Redis.", ["model"], registry=r
+        )
+        self.cache_local_entries = Gauge(
+            "llm_cache_local_entries", "Entries held in this replica's in-process cache tier.", ["model"], registry=r
+        )
+        self.cache_local_bytes = Gauge(
+            "llm_cache_local_bytes", "Encoded bytes of the entries in the in-process cache tier.", ["model"], registry=r
         )
         self.cache_errors = Counter(
             "llm_cache_errors",
@@ -189,6 +201,10 @@ class Metrics:
             self.cache_hits,
             self.cache_misses,
             self.cache_coalesced,
+            self.cache_local_hits,
+            self.cache_local_misses,
+            self.cache_local_entries,
+            self.cache_local_bytes,
             self.embedding_inputs,
             self.embedding_tokens,
             self.embedding_duration,
@@ -207,7 +223,7 @@ class Metrics:
         for reason in ("slot", "total"):
             self.requests_refused.labels(model=slot, reason=reason)
         for operation in CACHE_OPERATIONS:
-            if operation != "ping":
+            if operation not in ("ping", "purge"):
                 self.cache_errors.labels(model=slot, operation=operation)
 
     def render(self) -> bytes:

@@ -239,6 +239,19 @@ class LLMSettings(BaseSettings):
     cache_max_entry_bytes: int = Field(
         1_048_576, ge=1024, description="Responses whose cache entry is larger than this are not stored."
     )
+    cache_local_max_entries: int = Field(
+        4096,
+        ge=0,
+        description="Entries each replica keeps in its in-process tier in front of Redis (0 = no local tier).",
+    )
+    cache_local_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Encoded bytes each replica's in-process cache tier holds at most."
+    )
+    cache_local_max_age_seconds: int = Field(
+        300,
+        ge=1,
+        description="Longest an entry stays in the in-process tier (less when its own TTL ends sooner).",
+    )
     cache_namespace: str = Field(
         "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
     )

@@ -8,6 +8,8 @@ import re
 import sys
 from typing import Any, TextIO
 
+import structlog
+
 from llm_service.admission import requests_at_once
 from llm_service.settings import SettingsError, load_settings
 from llm_service.sizing.estimate import GIB
@@ -141,9 +143,18 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser.add_argument(
         "--device-memory", type=parse_size, help="memory of one device, e.g. 24GiB (default: the real device)"
     )
-    parser.add_argument("--offline", action="store_true", help="do not ask the Hub for model configs")
+    network = parser.add_mutually_exclusive_group()
+    network.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask the Hugging Face Hub for configs the local folder and cache lack (one short attempt "
+        "per model); by default the plan uses the local cache and the bundled configs only",
+    )
+    network.add_argument("--offline", action="store_true", help="the default: never ask the Hub")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    # Log lines (a Hub lookup that failed) go to stderr: stdout is the plan, JSON with --json.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         settings = load_settings()
         device = args.device or settings.llm.device
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
             if device == "auto":
                 device = "cuda" if vllm_engines.gpu_available() else "cpu"
             memory = memory or vllm_engines.device_memory_bytes(device)
-        plan, sources = sizing_plan_with_sources(settings.llm, device, memory, hub=False if args.offline else None)
+        plan, sources = sizing_plan_with_sources(settings.llm, device, memory, hub=args.online)
     except SettingsError as exc:
         sys.stderr.write(f"llm-service plan: {exc}\n")
         return 2
