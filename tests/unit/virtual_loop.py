@@ -26,10 +26,10 @@ class _VirtualSelector(selectors.DefaultSelector):
         self.loop: VirtualLoop | None = None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = super().select(0)  # the loop's own wake-up pipe, never real I/O
-        if ready:
-            return ready
         if timeout is None:
+            ready = super().select(0)  # the loop's own wake-up pipe (call_soon_threadsafe), never real I/O
+            if ready:
+                return ready
             raise Deadlock("every task waits and no timer is set")
         assert self.loop is not None
         self.loop.now += max(0.0, timeout)
