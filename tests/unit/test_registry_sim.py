@@ -1,6 +1,6 @@
 """The registry under the deterministic simulator (registry_sim.py): seeded schedules, invariants after every step.
 
-`SIM_SCHEDULES=N` runs N schedules (default 2000); `SIM_SEED=S` replays one.
+`SIM_SCHEDULES=N` runs N schedules (default 1000); `SIM_SEED=S` replays one.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_seeded_schedules_keep_every_invariant() -> None:
     if "SIM_SEED" in os.environ:
         seeds = [int(os.environ["SIM_SEED"])]
     else:
-        seeds = list(range(int(os.environ.get("SIM_SCHEDULES", "2000"))))
+        seeds = list(range(int(os.environ.get("SIM_SCHEDULES", "1000"))))
     for seed in seeds:
         run_schedule(seed)
 
