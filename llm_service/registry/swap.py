@@ -4,7 +4,8 @@ A pure decision over a snapshot of the slots; the registry applies it (evicts, d
 and asks again whenever something changes or the decision's `recheck_at` comes.
 
 The rules, for a slot that must be loaded and does not fit:
-* idle slots that free enough (the fewest, then the least recently used) are evicted at once;
+* idle slots that free enough (the fewest, then the least recently used) are evicted, once
+  their minimum residency is over;
   otherwise victims are the slots already draining (a victim stays chosen until its drain ends
   or is given up) and the fewest more loaded slots that free the rest (of equal counts: fewer
   busy ones, then the least recently used);
@@ -110,10 +111,12 @@ class SwapPolicy:
         if excess <= _EPS:
             return RoomDecision(fits=True)
         loaded = [s for s in others if s.state is SlotState.LOADED and not s.dead]
-        ready = [s for s in loaded if s.idle and now >= s.loaded_since + self.min_residency]
-        evictable = self._fewest(ready, excess)
-        if evictable is not None:  # idle slots free enough now (a drain going on is then not needed)
-            return RoomDecision(evict=tuple(s.name for s in evictable))
+        idle = self._fewest([s for s in loaded if s.idle], excess)
+        if idle is not None:  # idle slots free enough (a drain going on is then not needed)
+            resident = [s.loaded_since + self.min_residency for s in idle if now < s.loaded_since + self.min_residency]
+            if resident:
+                return RoomDecision(recheck_at=min(resident))
+            return RoomDecision(evict=tuple(s.name for s in idle))
         draining = [s for s in loaded if s.draining_since is not None]
         more = self._fewest(
             [s for s in loaded if s.draining_since is None], excess - sum(s.share for s in draining)

@@ -54,6 +54,8 @@ CASES: list[tuple[str, tuple[SlotView, ...], Action]] = [
     ("a just-loaded victim keeps its residency",
      (v("a", L, loaded_since=NOW - 2), v("b", L, loaded_since=NOW - 3, last_used=NOW - 3), waits("c")),
      Wait(NOW + 2)),
+    ("the least recently used idle victim is waited for through its residency, not passed over",
+     (v("a", L, last_used=NOW), v("b", L, loaded_since=NOW - 4, last_used=NOW - 2), waits("c")), Wait(NOW + 1)),
     ("a busy victim admits for the fairness time",
      (v("a", L, in_flight=1), v("b", L, in_flight=1, last_used=NOW - 5), waits("c", since=NOW - 10)),
      Wait(NOW + 20)),
