@@ -220,7 +220,7 @@ class Metrics:
         ):
             collector.labels(model=slot)
         self.requests.labels(model=slot, status="success", code="200")
-        for reason in ("slot", "total"):
+        for reason in ("queue", "slot", "total"):
             self.requests_refused.labels(model=slot, reason=reason)
         for operation in CACHE_OPERATIONS:
             if operation not in ("ping", "purge"):
