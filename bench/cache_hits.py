@@ -30,7 +30,7 @@ def warm(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) 
         for _ in range(20):
             r = client.post(url, json=body, headers=headers)
             r.raise_for_status()
-            if r.headers.get("x-cache") == "HIT" or r.headers.get("x-litellm-cache-key"):
+            if r.headers.get("x-cache", "").startswith("HIT") or r.headers.get("x-litellm-cache-key"):
                 return dict(r.headers)
             time.sleep(0.3)
     raise RuntimeError(f"{url} never answered from its cache")

@@ -1,6 +1,6 @@
 """The cache-hit path alone: ours with no engine loaded, one entry seeded in Redis, `ab` on it.
 
-    python -m bench.hit_path [--requests 5000] [--profile] [--preload standard]
+    python -m bench.hit_path [--requests 5000] [--profile] [--preload standard] [--redis-only]
 
 A hit needs no engine (its key comes from the request and the slot's configuration), so this
 runs in seconds and measures only our HTTP, cache and serialization work, beside /health/live.
@@ -30,6 +30,7 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     """Store the entry the service would store for a greedy /generate of PROMPT (16 tokens)."""
     from redis import Redis as RedisClient
 
+    from llm_service.app import vllm_backend, with_host_args
     from llm_service.cache import CachedChoice, CachedResponse, CachePolicy
     from llm_service.cache_control import CacheControl
     from llm_service.engines.base import SamplingOptions
@@ -45,9 +46,10 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    # The slot's configuration as the service builds it (chat template and tool parser are key material).
+    # The slot's configuration as the service builds it (chat template, tool parser and the dtype
+    # the backend picks on this host are key material).
     slots = with_frontend(build_slot_configs(settings.llm, "cpu", None), settings)
-    config = next(c for c, _ in slots if c.slot == "standard")
+    config = with_host_args(next(c for c, _ in slots if c.slot == "standard"), vllm_backend("cpu"))
     sampling = SamplingOptions(max_tokens=16, temperature=0.0)
     plan = CachePolicy(settings.llm).plan(
         CacheControl(), sampling, PROMPT, None, config, extra=cache_key_extra(config.chat)
@@ -55,7 +57,7 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     assert plan is not None
     text = "Apples, bananas and cherries are three fruits that many people like."
     entry = CachedResponse(config.model_id, PROMPT, 5, (CachedChoice(0, text, "stop", 16),), time.time())
-    RedisClient(port=redis_port).set(plan.key, entry.encode())
+    RedisClient(port=redis_port).set(plan.key, entry.encode(), ex=plan.ttl)
 
 
 def costed(pid: int, url: str, requests: int, concurrency: int, body: bytes | None = None) -> dict[str, Any]:
@@ -82,11 +84,15 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--log-level", default="INFO", help="APP_LOG_LEVEL of the service (INFO as in production)")
     parser.add_argument("--preload", default="", help="slots to load first (e.g. standard): hits beside a live engine")
+    parser.add_argument(
+        "--redis-only", action="store_true", help="no in-process tier (LLM_CACHE_LOCAL_MAX_ENTRIES=0): hits from Redis"
+    )
     args = parser.parse_args()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     redis = Redis(out).launch()
-    env = service_env(free_port(), redis.port, args.preload, 0.35, True, APP_LOG_LEVEL=args.log_level)
+    tier = {"LLM_CACHE_LOCAL_MAX_ENTRIES": "0"} if args.redis_only else {}
+    env = service_env(free_port(), redis.port, args.preload, 0.35, True, APP_LOG_LEVEL=args.log_level, **tier)
     proc, base_url = service("ours-hit-path", env, out)
     try:
         seed_entry(env, redis.port)
@@ -106,7 +112,9 @@ def main() -> int:
                 f"p50 {level['p50_ms']:7.2f} ms p99 {level['p99_ms']:7.2f} ms "
                 f"cpu {level['cpu_ms_per_request']:.3f} ms/request failed {level['failed']}\n"
             )
-    (out / "hit-path.json").write_text(json.dumps(result, indent=2))
+    sys.stdout.write(f"X-Cache of a hit: {result['x_cache']}\n")
+    name = "hit-path-redis-only.json" if args.redis_only else "hit-path.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     return 0
 
 

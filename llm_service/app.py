@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
@@ -16,11 +18,12 @@ from llm_service.api import admin, embeddings, generate, health, openai, rerank
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
 from llm_service.api_keys import ApiKeys
-from llm_service.cache import CachePolicy, build_cache
+from llm_service.cache import CachePolicy
+from llm_service.cache_local import build_cache
 from llm_service.coalesce import Coalescer
 from llm_service.drain import Drain
 from llm_service.embeddings import EmbeddingService
-from llm_service.engines.base import EngineCapacity
+from llm_service.engines.base import EngineCapacity, EngineConfig
 from llm_service.errors import install_error_handlers
 from llm_service.frontend_config import with_frontend
 from llm_service.generation import GenerationService
@@ -38,6 +41,10 @@ from llm_service.tracing import build_tracer
 log = structlog.get_logger(__name__)
 
 
+def _no_host_args(config: EngineConfig) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class EngineBackend:
     """How engines are made, and the device whose memory the budget divides."""
@@ -46,6 +53,9 @@ class EngineBackend:
     device: str
     device_memory: int | None
     free_memory: FreeMemory | None = None  # what a new engine could take now; None: not measured
+    # Engine arguments this backend chooses for a slot on this host that change its outputs (the
+    # CPU's dtype): written into the slot's configuration, so the cache key carries them.
+    host_args: Callable[[EngineConfig], dict[str, Any]] = _no_host_args
 
 
 def vllm_backend(device_setting: str) -> EngineBackend:
@@ -61,7 +71,17 @@ def vllm_backend(device_setting: str) -> EngineBackend:
         device,
         vllm_engines.device_memory_bytes(device),
         lambda: vllm_engines.free_memory_bytes(device),
+        vllm_engines.cpu_dtype_args,
     )
+
+
+def with_host_args(config: EngineConfig, backend: EngineBackend) -> EngineConfig:
+    """The slot's configuration with what the backend chooses on this host made explicit: an entry
+    written by a bf16 engine must not answer for a float32 one sharing the Redis."""
+    chosen = backend.host_args(config)
+    if not chosen:
+        return config
+    return dataclasses.replace(config, extra_args={**chosen, **config.extra_args})
 
 
 def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics) -> ModelRegistry:
@@ -77,6 +97,7 @@ def build_registry(settings: Settings, backend: EngineBackend, metrics: Metrics)
         memory_wait=llm.memory_wait_seconds,
     )
     slots = with_frontend(build_slot_configs(llm, backend.device, backend.device_memory), settings)
+    slots = [(with_host_args(config, backend), pinned) for config, pinned in slots]
     if not llm.load_on_startup:
         # Nothing is preloaded, so nothing is pinned against idle unloading either.
         slots = [(config, False) for config, _ in slots]
@@ -117,6 +138,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
         cache = build_cache(settings, metrics)
         tracer = build_tracer(settings)
         coalescer = Coalescer(CachePolicy(settings.llm), cache, metrics)
+        admission = build_admission(settings, registry, metrics)  # one for every surface
         app.state.resources = Resources(
             settings=settings,
             metrics=metrics,
@@ -127,7 +149,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 settings.llm.default_max_tokens,
                 coalescer=coalescer,
                 tracer=tracer,
-                admission=build_admission(settings, registry, metrics),
+                admission=admission,
             ),
             started_at=time.time(),
             cache=cache,
@@ -141,8 +163,11 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
                 ttl=settings.llm.cache_ttl_seconds,
                 max_inputs=settings.llm.embedding_max_inputs,
                 tracer=tracer,
+                admission=admission,
             ),
-            rerank=RerankService(registry, metrics, max_documents=settings.llm.rerank_max_documents, tracer=tracer),
+            rerank=RerankService(
+                registry, metrics, max_documents=settings.llm.rerank_max_documents, tracer=tracer, admission=admission
+            ),
             api_keys=ApiKeys(settings.llm.api_key_set()),
             drain=drain,
         )
@@ -154,6 +179,7 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
             slots=registry.snapshot(),
         )
         registry.start(preload=settings.llm.load_on_startup)
+        await cache.start()
         try:
             yield
         finally:

@@ -6,9 +6,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from llm_service.cache_control import CacheControl
 from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.metrics import Metrics
-from llm_service.settings import LLMSettings, RedisSettings, Settings
+from llm_service.settings import LLMSettings, RedisSettings
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +61,12 @@ def cache_key(
 
     Computed from the raw request and the slot's configuration, never from the engine, so a
     hit needs no loaded model. max_tokens 0 ("the default, capped by the context") is resolved
-    by the engine from default_max_tokens and max_model_len, so both are part of the key.
+    by the engine from default_max_tokens and max_model_len, so both are part of the key. The
+    device and the engine arguments (the dtype the backend chose on this host among them, see
+    app.with_host_args; quantization and adapters) change the numerics, so they are too.
     """
-    params = dataclasses.asdict(sampling)
+    # A shallow copy: asdict's deep copy of every field showed in the hit path's profile.
+    params = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         params[name] = float(params[name])  # 0 and 0.0 are the same request
     material = {
@@ -71,6 +75,7 @@ def cache_key(
         "model": config.model_id,
         "revision": config.revision,
         "max_model_len": config.max_model_len,
+        "device": config.device,
         "engine_args": config.extra_args,
         "default_max_tokens": default_max_tokens,
         "prompt": prompt,
@@ -170,6 +175,8 @@ class CachedResponse:
     prompt_tokens: int
     choices: tuple[CachedChoice, ...]
     created: float
+    # Which tier answered: "redis", or "memory" for the replica's own (cache_local.LocalTier).
+    tier: str = field(default="redis", compare=False)
 
     @classmethod
     def from_result(cls, result: FinishedGeneration) -> CachedResponse | None:
@@ -272,6 +279,13 @@ class ResponseCache(Protocol):
     async def set_many(self, items: dict[str, bytes], ttl: int, model: str = "") -> bool:
         """Store raw values for `ttl` seconds in one round trip; False when they were not stored."""
 
+    async def purge(self, slot: str | None = None) -> int | None:
+        """Delete every entry of the namespace (one slot's, if given) on every replica; the number
+        deleted from Redis, None when the store could not be reached."""
+
+    async def start(self) -> None:
+        """Start background work (the purge subscription); called once by the lifespan."""
+
     async def health(self) -> dict[str, Any]:
         """{"status": "up" | "down" | "disabled", ...} for /health."""
 
@@ -293,6 +307,12 @@ class NoCache:
 
     async def set_many(self, items: dict[str, bytes], ttl: int, model: str = "") -> bool:
         return False
+
+    async def purge(self, slot: str | None = None) -> int | None:
+        return 0
+
+    async def start(self) -> None:
+        return None
 
     async def health(self) -> dict[str, Any]:
         return {"status": "disabled"}
@@ -357,8 +377,10 @@ class RedisCache:
         max_entry_bytes: int,
         client: Redis | None = None,
         breaker: CircuitBreaker | None = None,
+        namespace: str = "llm-service",
     ) -> None:
         self.address = f"{settings.host}:{settings.port}/{settings.db}"
+        self._namespace = namespace
         self.max_entry_bytes = max_entry_bytes
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker(
@@ -382,10 +404,33 @@ class RedisCache:
             client_name="llm-service",
         )
 
+    @property
+    def client(self) -> Redis:
+        return self._client
+
     async def get(self, key: str, model: str = "") -> CachedResponse | None:
         data = await self._call("get", lambda: self._client.get(key), model)
-        if data is None:
+        return None if data is None else self._decode(key, data, model)
+
+    async def get_with_ttl(self, key: str, model: str = "") -> tuple[CachedResponse, int, float] | None:
+        """The entry under `key`, its encoded size and the seconds it has left, in one round trip."""
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            return list(await pipe.execute())
+
+        found = await self._call("get", read, model)
+        if found is None or found[0] is None:
             return None
+        data = found[0].encode() if isinstance(found[0], str) else found[0]
+        entry = self._decode(key, data, model)
+        # PTTL: -1 no expiry (not written by us), -2 gone since the GET.
+        pttl = int(found[1])
+        return None if entry is None else (entry, len(data), math.inf if pttl == -1 else max(0, pttl) / 1000)
+
+    def _decode(self, key: str, data: bytes | str, model: str) -> CachedResponse | None:
         try:
             return CachedResponse.decode(data.encode() if isinstance(data, str) else data)
         except ValueError as exc:
@@ -394,11 +439,43 @@ class RedisCache:
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
-        data = entry.encode()
+        return await self.put(key, entry.encode(), ttl, model)
+
+    async def put(self, key: str, data: bytes, ttl: int, model: str = "") -> bool:
+        """Store an encoded entry; False when it was not stored (too large, or Redis failed)."""
         if len(data) > self.max_entry_bytes:
             log.info("cache_entry_too_large", bytes=len(data), limit=self.max_entry_bytes)
             return False
         return bool(await self._call("set", lambda: self._client.set(key, data, ex=ttl), model))
+
+    async def delete_matching(self, namespace: str, slot: str | None = None) -> int | None:
+        """Delete the namespace's response and embedding entries (one slot's, if given)."""
+        patterns = [f"{namespace}:{kind}:v*:{slot or '*'}:*" for kind in ("response", "embedding")]
+
+        async def delete() -> int:
+            deleted = 0
+            for pattern in patterns:
+                batch: list[Any] = []
+                async for key in self._client.scan_iter(match=pattern, count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        deleted += int(await self._client.unlink(*batch))
+                        batch = []
+                if batch:
+                    deleted += int(await self._client.unlink(*batch))
+            return deleted
+
+        return await self._call("purge", delete)
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._call("purge", lambda: self._client.publish(channel, message))
+
+    async def purge(self, slot: str | None = None) -> int | None:
+        """Without a local tier there is nothing to tell the other replicas."""
+        return await self.delete_matching(self._namespace, slot)
+
+    async def start(self) -> None:
+        return None
 
     async def get_many(self, keys: list[str], model: str = "") -> list[bytes | None]:
         if not keys:
@@ -460,10 +537,3 @@ class RedisCache:
             error=self._last_error,
             retry_in=self._breaker.cooldown if opened else None,
         )
-
-
-def build_cache(settings: Settings, metrics: Metrics) -> ResponseCache:
-    """The store the lifespan owns: Redis when the cache is enabled, else the no-op."""
-    if not settings.llm.cache_enabled:
-        return NoCache()
-    return RedisCache(settings.redis, metrics, settings.llm.cache_max_entry_bytes)

@@ -11,6 +11,7 @@ from typing import Protocol
 import structlog
 
 from llm_service.cache import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
+from llm_service.cache_local import MEMORY
 from llm_service.engines.base import GenerationDelta
 from llm_service.errors import EngineFailure, ServiceError, to_service_error
 from llm_service.metrics import Metrics
@@ -128,6 +129,9 @@ class Served:
     ) -> None:
         self.deltas = deltas
         self.cache_status = cache_status  # "hit", "miss" or "coalesced"
+        # Which tier a hit came from: "redis", or "memory" (the local tier, or a generation of this
+        # replica that just finished); None for a miss or a coalesced request.
+        self.tier = (entry.tier if entry is not None else MEMORY) if cache_status == "hit" else None
         self._entry = entry
         self._flight = flight
 

@@ -12,13 +12,15 @@ import time
 from array import array
 from dataclasses import dataclass
 
+from llm_service.admission import AdmissionController, Work
 from llm_service.cache import ResponseCache
+from llm_service.deadlines import before_deadline
 from llm_service.engines.base import Embedder, EngineConfig
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_record import RequestRecord
-from llm_service.retrieval import start_request, traced
+from llm_service.retrieval import admitted_engine, start_request, traced
 from llm_service.tracing import NoTracer, Tracer
 
 EMBEDDING_SCHEMA_VERSION = 1
@@ -72,6 +74,7 @@ def embedding_key(namespace: str, config: EngineConfig, item: EmbeddingInput, di
         "model": config.model_id,
         "revision": config.revision,
         "max_model_len": config.max_model_len,
+        "device": config.device,
         "engine_args": config.extra_args,
         "dimensions": dimensions,
         "input": item,
@@ -108,8 +111,10 @@ class EmbeddingService:
         ttl: int,
         max_inputs: int,
         tracer: Tracer | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self._registry = registry
+        self._admission = admission  # None: no admission bounds
         self._tracer = tracer or NoTracer()
         self._metrics = metrics
         self._cache = cache
@@ -128,7 +133,11 @@ class EmbeddingService:
         read_cache: bool = True,
         store_cache: bool = True,
         record: RequestRecord | None = None,
+        deadline: float | None = None,
     ) -> EmbeddingResult:
+        """Vectors of `inputs`, from the cache or one engine batch. Raises ServiceError subclasses:
+        InvalidRequest, Overloaded (admission), DeadlineExceeded (past `deadline`, event-loop time),
+        ModelUnavailable, EngineFailure."""
         slot, trace = start_request(
             self._registry,
             self._tracer,
@@ -150,7 +159,10 @@ class EmbeddingService:
             missing = [index for index, result in enumerate(results) if result is None]
             if missing:
                 try:
-                    fresh = await self._embed_on_engine(slot.name, config, inputs, missing, dimensions, request_id)
+                    async with before_deadline(deadline, self._metrics, slot.name):
+                        fresh = await self._embed_on_engine(
+                            slot.name, config, inputs, missing, dimensions, request_id, deadline
+                        )
                 except Exception as exc:  # engine failures and rejected inputs, as the client sees them
                     raise to_service_error(exc) from exc
                 for index, embedding in zip(missing, fresh, strict=True):
@@ -179,10 +191,14 @@ class EmbeddingService:
         missing: list[int],
         dimensions: int | None,
         request_id: str,
+        deadline: float | None,
     ) -> list[Embedding]:
-        """Embed the inputs at `missing` as one batch; token limits checked before the engine sees any."""
+        """Embed the inputs at `missing` as one batch; token limits and admission checked before the
+        engine sees any."""
         inputs = [all_inputs[i] for i in missing]
-        async with self._registry.acquire(slot) as engine:
+        # Before tokenizing: a token-id input's tokens, at least one for a text.
+        least = Work(len(inputs), sum(1 if isinstance(item, str) else len(item) for item in inputs))
+        async with admitted_engine(self._registry, self._admission, slot, least, deadline) as (engine, admission):
             if not isinstance(engine, Embedder):
                 raise InvalidRequest(f"model {slot!r} cannot embed", param="model")
             texts = [item for item in inputs if isinstance(item, str)]
@@ -194,6 +210,9 @@ class EmbeddingService:
                         f"input {index} has {len(ids)} tokens; the model takes at most {config.max_model_len}",
                         param="input",
                     )
+            if admission is not None:  # by the inputs and their tokens, against the deadline
+                work = Work(len(token_ids), sum(len(ids) for ids in token_ids))
+                admission.start(work, engine.capacity(), deadline)
             vectors = await engine.embed(request_id, token_ids, dimensions)
         self._metrics.embedding_tokens.labels(model=slot).inc(sum(len(ids) for ids in token_ids))
         # float32, as stored: a vector from the cache is the same as a fresh one, bit for bit.

@@ -57,6 +57,13 @@ class ModelUnavailable(ServiceError):
     error_type = "model_unavailable"
 
 
+class CacheUnavailable(ServiceError):
+    """The response cache's store could not be reached for an operation that needs it (a purge)."""
+
+    status_code = 503
+    error_type = "cache_unavailable"
+
+
 class Overloaded(ServiceError):
     status_code = 429
     error_type = "overloaded"

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
-from llm_service.admission import AdmissionController
+from llm_service.admission import AdmissionController, Work
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
 from llm_service.coalesce import Coalescer
+from llm_service.deadlines import before_deadline, deadline_passed
 from llm_service.engines.base import (
     ChatConfig,
     Engine,
@@ -119,6 +122,7 @@ class GenerationResult:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     cached: bool = False
+    cache_tier: str | None = None  # a hit's tier: "memory" (this replica's) or "redis"
     coalesced: bool = False  # shared an identical in-flight request's generation
     trace_id: str | None = None
 
@@ -137,10 +141,16 @@ class GenerationResult:
 
     def headers(self) -> dict[str, str]:
         """Response headers every surface sends with this result."""
-        headers = {"X-Cache": "HIT" if self.cached else "COALESCED" if self.coalesced else "MISS"}
+        headers = {"X-Cache": self.cache_header()}
         if self.trace_id:
             headers["X-Trace-ID"] = self.trace_id
         return headers
+
+    def cache_header(self) -> str:
+        """X-Cache: HIT-MEMORY, HIT-REDIS, COALESCED or MISS."""
+        if self.cached:
+            return f"HIT-{(self.cache_tier or 'redis').upper()}"
+        return "COALESCED" if self.coalesced else "MISS"
 
     @property
     def completion_tokens(self) -> int:
@@ -294,12 +304,9 @@ class GenerationService:
         """
         slot = self.registry.find(spec.slot)
         spec.record.slot = slot.name
-        try:
-            # The deadline covers everything up to the first delta, waiting for a load included.
-            async with asyncio.timeout_at(spec.deadline):
-                return await self._open(spec, slot.name)
-        except TimeoutError as exc:
-            raise self.deadline_passed(slot.name) from exc
+        # The deadline covers everything up to the first delta, waiting for a load included.
+        async with before_deadline(spec.deadline, self.metrics, slot.name):
+            return await self._open(spec, slot.name)
 
     def _slot_key_material(self, chat: ChatConfig) -> dict[str, Any] | None:
         """cache_key_extra(chat), computed on a slot's first cacheable request and kept."""
@@ -311,8 +318,7 @@ class GenerationService:
 
     def deadline_passed(self, slot: str) -> DeadlineExceeded:
         """The error of a request past its deadline (its engine request is aborted by then)."""
-        self.metrics.requests_timed_out.labels(model=slot).inc()
-        return DeadlineExceeded("the request took longer than its timeout; it was stopped")
+        return deadline_passed(self.metrics, slot)
 
     async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
         slot = self.registry.slot(slot_name)
@@ -358,6 +364,7 @@ class GenerationService:
 
         served = await coalescer.serve(plan, result.slot, result.model_id, open_engine)
         result.cached = served.cached
+        result.cache_tier = served.tier
         result.coalesced = served.cache_status == "coalesced"
         stream.cache_status = served.cache_status
         await stream.replay(served.deltas)
@@ -367,11 +374,10 @@ class GenerationService:
         """Admit the request, acquire the slot, render and check the prompt, start the engine."""
         slot = stream.result.slot
         admission = None
-        if self.admission is not None:  # refused at once (429) past the slot's or the service's bound
-            admission = await stream.enter(self.admission.admit(slot, spec.sampling.n))
+        if self.admission is not None:  # refused at once (429) past a count bound, or by its least work
+            admission = await stream.enter(self.admission.admit(slot, self._least_work(slot, spec.sampling),
+                                                                spec.deadline))
         engine = await stream.enter(self.registry.acquire(slot))
-        if admission is not None:
-            admission.start_running(engine.capacity())
         try:
             rendered = await engine.render(spec.prompt_input())
         except InvalidImage as exc:
@@ -383,6 +389,9 @@ class GenerationService:
             raise InvalidRequest(f"cannot render the prompt: {exc}", param=param) from exc
         stream.result.prompt = rendered.text
         sampling = self._bounded(engine, rendered.prompt_tokens, spec.sampling)
+        if admission is not None:  # refused at once (429) when it could not start before its deadline
+            work = Work(sampling.n, sampling.n * (rendered.prompt_tokens + sampling.max_tokens))
+            admission.start(work, engine.capacity(), spec.deadline)
         # The client's request id may repeat (X-Request-ID); the engine's must be unique.
         engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
         await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
@@ -409,6 +418,12 @@ class GenerationService:
         async for _ in stream:
             pass
         return stream.result
+
+    def _least_work(self, slot: str, sampling: SamplingOptions) -> Work:
+        """A lower bound of a request's work before its prompt is rendered: at least one prompt token
+        plus max_tokens (or the default max_tokens, or the context, whichever is less) per choice."""
+        tokens = sampling.max_tokens or min(self.default_max_tokens, self.registry.slot(slot).config.max_model_len)
+        return Work(sampling.n, sampling.n * tokens)
 
     def _bounded(self, engine: Engine, prompt_tokens: int, sampling: SamplingOptions) -> SamplingOptions:
         """Fill in the default max_tokens and check the prompt (image tokens included) fits the context."""
@@ -472,8 +487,26 @@ def _key_extra(
 
 
 def cache_key_extra(chat: ChatConfig) -> dict[str, Any] | None:
-    """Key material of a plain text request on a slot: its chat template and tool parser, when not the default."""
-    return {"chat": dataclasses.asdict(chat)} if chat != ChatConfig() else None
+    """Key material of a plain text request on a slot: its chat template and tool parser, when not
+    the default. A template file counts by its content too: an edited file keeps its path."""
+    if chat == ChatConfig():
+        return None
+    material: dict[str, Any] = {"chat": dataclasses.asdict(chat)}
+    template = _template_file(chat.chat_template)
+    if template is not None:
+        material["chat_template_sha256"] = hashlib.sha256(template.read_bytes()).hexdigest()
+    return material
+
+
+def _template_file(template: str | None) -> Path | None:
+    """The chat template's file, None when it is the model's own or given inline."""
+    if template is None or "\n" in template or "{" in template:
+        return None
+    try:
+        path = Path(template)
+        return path if path.is_file() else None
+    except OSError:  # a name too long for the file system: an inline template
+        return None
 
 
 def _round(value: float | None) -> float | None:

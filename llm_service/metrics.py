@@ -9,7 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 # Label values of llm_cache_errors_total{operation}: ping is the health check, not a slot's.
-CACHE_OPERATIONS = ("get", "set", "ping", "decode")
+CACHE_OPERATIONS = ("get", "set", "ping", "decode", "purge")
 
 
 class Metrics:
@@ -104,6 +104,18 @@ class Metrics:
             "llm_cache_misses", "Cacheable requests the response cache could not answer.", ["model"],
             registry=r,
         )
+        self.cache_local_hits = Counter(
+            "llm_cache_local_hits", "Cache lookups answered by this replica's in-process tier.", ["model"], registry=r
+        )
+        self.cache_local_misses = Counter(
+            "llm_cache_local_misses", "Cache lookups the in-process tier passed on to Redis.", ["model"], registry=r
+        )
+        self.cache_local_entries = Gauge(
+            "llm_cache_local_entries", "Entries held in this replica's in-process cache tier.", ["model"], registry=r
+        )
+        self.cache_local_bytes = Gauge(
+            "llm_cache_local_bytes", "Encoded bytes of the entries in the in-process cache tier.", ["model"], registry=r
+        )
         self.cache_errors = Counter(
             "llm_cache_errors",
             "Failed Redis operations or unreadable entries (each a miss or a lost write); model empty for ping.",
@@ -153,7 +165,7 @@ class Metrics:
         self.requests_waiting = Gauge(
             "llm_requests_waiting",
             "Admitted requests not yet running: waiting for the slot to load or queued beyond what "
-            "its engine batches (scale out on this).",
+            "its engine runs at once (KV cache and batch) (scale out on this).",
             ["model"],
             registry=r,
         )
@@ -162,7 +174,8 @@ class Metrics:
         )
         self.requests_refused = Counter(
             "llm_requests_refused",
-            "Requests refused with 429 by admission control (reason: slot or total bound).",
+            "Requests refused with 429 by admission control (reason: queue, could not start before its deadline; "
+            "slot or total, a count bound).",
             ["model", "reason"],
             registry=r,
         )
@@ -199,6 +212,10 @@ class Metrics:
             self.cache_hits,
             self.cache_misses,
             self.cache_coalesced,
+            self.cache_local_hits,
+            self.cache_local_misses,
+            self.cache_local_entries,
+            self.cache_local_bytes,
             self.embedding_inputs,
             self.embedding_tokens,
             self.embedding_duration,
@@ -214,10 +231,10 @@ class Metrics:
         ):
             collector.labels(model=slot)
         self.requests.labels(model=slot, status="success", code="200")
-        for reason in ("slot", "total"):
+        for reason in ("queue", "slot", "total"):
             self.requests_refused.labels(model=slot, reason=reason)
         for operation in CACHE_OPERATIONS:
-            if operation != "ping":
+            if operation not in ("ping", "purge"):
                 self.cache_errors.labels(model=slot, operation=operation)
 
     def render(self) -> bytes:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llm_service.engines.base import Reranker
+from llm_service.admission import AdmissionController, Work
+from llm_service.deadlines import before_deadline
+from llm_service.engines.base import PairScore, Reranker
 from llm_service.errors import InvalidRequest, to_service_error
 from llm_service.metrics import Metrics
 from llm_service.registry import ModelRegistry
 from llm_service.request_record import RequestRecord
-from llm_service.retrieval import start_request, traced
+from llm_service.retrieval import admitted_engine, start_request, traced
 from llm_service.tracing import NoTracer, Tracer
+
+PAIR_SPECIAL_TOKENS = 8  # separators and begin/end tokens a cross-encoder adds to a pair, at most
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,16 @@ class RerankService:
     """Serves rerank requests on the registry's rerank slots."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: Metrics, *, max_documents: int, tracer: Tracer | None = None
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        *,
+        max_documents: int,
+        tracer: Tracer | None = None,
+        admission: AdmissionController | None = None,
     ) -> None:
         self._registry = registry
+        self._admission = admission  # None: no admission bounds
         self._metrics = metrics
         self._tracer = tracer or NoTracer()
         self.max_documents = max_documents
@@ -77,7 +88,10 @@ class RerankService:
         top_n: int | None,
         request_id: str,
         record: RequestRecord | None = None,
+        deadline: float | None = None,
     ) -> RerankResult:
+        """The documents by relevance. Raises ServiceError subclasses: InvalidRequest, Overloaded
+        (admission), DeadlineExceeded (past `deadline`, event-loop time), ModelUnavailable, EngineFailure."""
         slot, trace = start_request(
             self._registry,
             self._tracer,
@@ -92,10 +106,9 @@ class RerankService:
         with traced(trace) as summary:
             check_rerank_input(query, documents, self.max_documents)
             try:
-                async with self._registry.acquire(slot.name) as engine:
-                    if not isinstance(engine, Reranker):
-                        raise InvalidRequest(f"model {slot.name!r} cannot rerank", param="model")
-                    scores = await engine.rerank(request_id, query, documents)
+                async with before_deadline(deadline, self._metrics, slot.name):
+                    scores = await self._score(slot.name, slot.config.max_model_len, query, documents, request_id,
+                                               deadline)
             except ValueError as exc:  # a pair the model cannot take
                 raise InvalidRequest(str(exc), param="documents") from exc
             except Exception as exc:  # engine failures, as the client sees them
@@ -110,3 +123,23 @@ class RerankService:
         return RerankResult(
             slot.name, ranked([(s.score, s.tokens) for s in scores], top_n), total_tokens, trace.trace_id
         )
+
+    async def _score(
+        self, slot: str, max_model_len: int, query: str, documents: list[str], request_id: str, deadline: float | None
+    ) -> list[PairScore]:
+        """Admit the pairs, then score them on the slot's engine as one batch."""
+        work = Work(len(documents), pair_tokens(query, documents, max_model_len))  # known before the engine
+        async with admitted_engine(self._registry, self._admission, slot, work, deadline) as (engine, admission):
+            if not isinstance(engine, Reranker):
+                raise InvalidRequest(f"model {slot!r} cannot rerank", param="model")
+            if admission is not None:
+                admission.start(work, engine.capacity(), deadline)
+            return await engine.rerank(request_id, query, documents)
+
+
+def pair_tokens(query: str, documents: list[str], max_model_len: int) -> int:
+    """An upper bound of the tokens of every (query, document) pair, before the engine tokenizes
+    them: a byte-level tokenizer's token is at least one byte, plus a few special tokens; a pair
+    longer than the context is refused by the engine anyway."""
+    query_bytes = len(query.encode())
+    return sum(min(max_model_len, query_bytes + len(d.encode()) + PAIR_SPECIAL_TOKENS) for d in documents)

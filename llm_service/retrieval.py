@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_service.admission import Admission, AdmissionController, Work
+from llm_service.engines.base import Engine
 from llm_service.errors import InvalidRequest, outcome_of, to_service_error
 from llm_service.registry import ModelRegistry, Slot
 from llm_service.request_record import RequestRecord
@@ -96,3 +98,18 @@ def traced(trace: Trace) -> Iterator[TraceSummary]:
             error=error,
             details=summary.details,
         )
+
+
+@asynccontextmanager
+async def admitted_engine(
+    registry: ModelRegistry, admission: AdmissionController | None, slot: str, least: Work, deadline: float | None
+) -> AsyncIterator[tuple[Engine, Admission | None]]:
+    """The slot's engine, held for the block, after admission on arrival (429 at once past a count
+    bound, or when even `least`, a lower bound of the request's work, could not start before
+    `deadline`); the Admission (None without admission control) then takes the request's work."""
+    async with AsyncExitStack() as stack:
+        admitted = None
+        if admission is not None:
+            admitted = await stack.enter_async_context(admission.admit(slot, least, deadline))
+        engine = await stack.enter_async_context(registry.acquire(slot))
+        yield engine, admitted

@@ -239,24 +239,38 @@ class LLMSettings(BaseSettings):
     cache_max_entry_bytes: int = Field(
         1_048_576, ge=1024, description="Responses whose cache entry is larger than this are not stored."
     )
+    cache_local_max_entries: int = Field(
+        4096,
+        ge=0,
+        description="Entries each replica keeps in its in-process tier in front of Redis (0 = no local tier).",
+    )
+    cache_local_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Encoded bytes each replica's in-process cache tier holds at most."
+    )
+    cache_local_max_age_seconds: int = Field(
+        300,
+        ge=1,
+        description="Longest an entry stays in the in-process tier (less when its own TTL ends sooner).",
+    )
     cache_namespace: str = Field(
         "llm-service", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of every cache key in Redis."
     )
     max_pending_per_slot: int = Field(
         0,
         ge=0,
-        description="Most requests running in a slot's engine plus waiting for it; more get 429 "
-        "(0 = LLM_PENDING_PER_BATCH times what the loaded engine batches).",
+        description="Most requests (sequences) running in a slot's engine plus waiting for it; more get 429 "
+        "(0 = no count bound: admission by work, what the engine holds and drains before the deadline).",
     )
     max_pending_total: int = Field(
-        0, ge=0, description="Most requests running or waiting over all slots; more get 429 (0 = sum of the slots')."
+        0, ge=0, description="Most requests running or waiting over all slots; more get 429 (0 = no count bound)."
     )
     pending_per_batch: float = Field(
         2.0,
         ge=1.0,
         le=100.0,
-        description="A slot admits this many times the sequences its engine batches at once (the smaller of "
-        "max_num_seqs and KV cache tokens / max_model_len), when LLM_MAX_PENDING_PER_SLOT is 0.",
+        description="Until a slot's drain rate is measured (its first finished request), the work it holds "
+        "(running plus queued) may reach this many times what its engine runs at once (KV cache tokens "
+        "and max_num_seqs); past it 429.",
     )
     max_pending_before_load: int = Field(
         64, ge=1, description="Per-slot bound while the slot's engine has not loaded yet (its capacity unknown)."

@@ -1,4 +1,4 @@
-"""/admin: load and unload slots by hand (for operators; needs APP_ADMIN_TOKEN)."""
+"""/admin: load and unload slots, purge the cache by hand (for operators; needs APP_ADMIN_TOKEN)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
 
-from llm_service.api.deps import RegistryDep, SettingsDep
+from llm_service.api.deps import RegistryDep, ResourcesDep, SettingsDep
 from llm_service.api.responses import ErrorEnvelope, error_responses
-from llm_service.errors import Forbidden, Unauthorized
+from llm_service.errors import CacheUnavailable, Forbidden, ModelNotFound, Unauthorized
 
 router = APIRouter(
     prefix="/admin",
@@ -46,3 +46,17 @@ async def load_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
 async def unload_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
     unloaded = await registry.unload(slot)
     return {"model": slot, "unloaded": unloaded, **registry.snapshot()[slot]}
+
+
+@router.post(
+    "/cache/purge",
+    dependencies=[AdminDep],
+    summary="Delete cached responses and embeddings (one slot's with ?model=) in Redis and on every replica",
+)
+async def purge_cache(resources: ResourcesDep, model: str | None = None) -> dict[str, Any]:
+    if model is not None and model not in resources.registry.slot_names:
+        raise ModelNotFound(f"no slot named {model!r}", param="model")
+    deleted = await resources.cache.purge(model)
+    if deleted is None:
+        raise CacheUnavailable("Redis could not be reached: nothing was purged", retry_after=5)
+    return {"purged": deleted, "model": model}

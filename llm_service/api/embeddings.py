@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel, Field
 
 from llm_service.api.deps import RequestIdDep, RequestRecordDep, ResourcesDep
+from llm_service.api.timeouts import RequestTimeoutDep
 from llm_service.cache_control import CacheControl
 from llm_service.embeddings import Embedding, EmbeddingInput
 from llm_service.errors import InvalidRequest
@@ -19,7 +20,10 @@ router = APIRouter(prefix="/v1", tags=["embeddings"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request: too many inputs, an input too long, not an embedding model"},
     404: {"description": "Unknown model"},
+    429: {"description": "Admission: the slot could not start the request before its timeout; retry after "
+          "Retry-After"},
     503: {"description": "Model loading, failed or out of memory budget"},
+    504: {"description": "The request's timeout (X-Request-Timeout) passed; it was stopped"},
 }
 
 
@@ -77,6 +81,7 @@ async def create_embeddings(
     resources: ResourcesDep,
     request_id: RequestIdDep,
     record: RequestRecordDep,
+    request_timeout: RequestTimeoutDep,
     response: Response,
     cache_control: str | None = Header(None, description="no-cache: embed every input again; no-store"),
 ) -> EmbeddingResponse:
@@ -89,6 +94,7 @@ async def create_embeddings(
         read_cache=not control.no_cache,
         store_cache=not control.no_store,
         record=record,
+        deadline=request_timeout.deadline(),
     )
     if result.trace_id:
         response.headers["X-Trace-ID"] = result.trace_id

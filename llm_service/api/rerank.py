@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from llm_service.api.deps import RequestIdDep, RequestRecordDep, ResourcesDep
+from llm_service.api.timeouts import RequestTimeoutDep
 from llm_service.errors import InvalidRequest
 
 router = APIRouter(tags=["rerank"])
@@ -17,7 +18,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request: empty query or documents, too many documents, a pair too long, "
           "not a rerank model"},
     404: {"description": "Unknown model"},
+    429: {"description": "Admission: the slot could not start the request before its timeout; retry after "
+          "Retry-After"},
     503: {"description": "Model loading, failed or out of memory budget"},
+    504: {"description": "The request's timeout (X-Request-Timeout) passed; it was stopped"},
 }
 
 
@@ -60,12 +64,15 @@ async def rerank(
     resources: ResourcesDep,
     request_id: RequestIdDep,
     record: RequestRecordDep,
+    request_timeout: RequestTimeoutDep,
     response: Response,
 ) -> RerankResponse:
     service = resources.rerank
     if service is None:
         raise InvalidRequest("reranking is not served here", param="model")
-    result = await service.rerank(body.model, body.query, body.documents, body.top_n, request_id, record)
+    result = await service.rerank(
+        body.model, body.query, body.documents, body.top_n, request_id, record, deadline=request_timeout.deadline()
+    )
     if result.trace_id:
         response.headers["X-Trace-ID"] = result.trace_id
     return RerankResponse(

@@ -62,12 +62,6 @@ class EngineCapacity:
     kv_cache_tokens: int  # tokens the KV cache holds over all sequences
     max_model_len: int  # tokens one sequence may hold
 
-    @property
-    def batch(self) -> int:
-        """Sequences the engine can run at once even if each fills the context (as vLLM's own
-        "maximum concurrency" figure): the smaller of max_num_seqs and what the KV cache holds."""
-        return max(1, min(self.max_num_seqs, self.kv_cache_tokens // max(1, self.max_model_len)))
-
 
 @dataclass(frozen=True)
 class SamplingOptions:

@@ -207,6 +207,7 @@ class FakeEngine:
         if dimensions is not None and not 1 <= dimensions <= 8:
             raise ValueError(f"dimensions {dimensions} out of range 1..8")
         self.embed_batches.append(len(inputs))
+        await asyncio.sleep(self.token_delay)  # a batch takes one token's time
         vectors = []
         for ids in inputs:
             raw = [float((sum(ids) * (i + 3) + len(ids) * (i + 1)) % 17 + 1) for i in range(dimensions or 8)]
@@ -233,6 +234,7 @@ class FakeEngine:
                 )
             scores.append(PairScore(sum(w in query_words for w in words) / max(1, len(words)), tokens))
         self.rerank_batches.append(len(documents))
+        await asyncio.sleep(self.token_delay)
         return scores
 
     async def abort(self, request_id: str) -> None:

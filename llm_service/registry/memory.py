@@ -1,18 +1,31 @@
-"""Waiting, before a load, until the device memory an evicted or dead engine held is really free."""
+"""The memory budget: what a slot counts against it, and waiting, before a load, until the device
+memory an evicted or dead engine held is really free."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 
 from llm_service.metrics import Metrics
-from llm_service.registry.slots import Slot
+from llm_service.registry.slots import HOLDING, Slot
 
 log = structlog.get_logger(__name__)
+
+def budget_share(slot: Slot) -> float:
+    """The share of the budget the slot counts for: its planned memory share, or what its engine
+    was measured to hold after its last start when that is more (kept across unloads, so the
+    next load makes room for it)."""
+    return max(slot.config.memory_share, slot.measured_share or 0.0)
+
+
+def held_share(slots: Iterable[Slot]) -> float:
+    """The budget held by slots whose engine is starting, serving, stopping, or dead and not yet shut down."""
+    return sum(budget_share(s) for s in slots if s.state in HOLDING or s.dead_engine is not None)
+
 
 # Bytes a new engine could take on the device now; None when the backend cannot tell.
 FreeMemory = Callable[[], int | None]

@@ -43,8 +43,22 @@ class RegistryPolicy:
 
 
 @dataclass
+class Wish:
+    """An admin route's request, kept on the slot until the reconciler answers it."""
+
+    kind: str  # "load" or "unload"
+    since: float  # monotonic clock
+    answer: asyncio.Future[bool] = field(repr=False)
+
+
+@dataclass
 class Slot:
-    """One named slot: its engine configuration and live state."""
+    """One named slot: its engine configuration and live state.
+
+    Only the reconciler changes `state`, `engine` and the lifecycle fields; requests, the reaper,
+    engine-death callbacks and the admin routes record facts (`wait_starts`, `in_flight`,
+    `last_used`, `dead_engine`, `wish`) and wake it.
+    """
 
     config: EngineConfig
     pinned: bool
@@ -62,9 +76,9 @@ class Slot:
     # with waiters is in demand, never idle.
     wait_starts: list[float] = field(default_factory=list)
     draining_since: float | None = None  # stops admitting new requests so it can be evicted
+    draining_for: str | None = None  # the slot it makes room for (None: an admin unload)
     load_refused: tuple[float, Exception] | None = None  # the last load that found no room
     dead_engine: Engine | None = field(default=None, repr=False)  # died, not yet shut down
-    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     # What the engine held on its device after its last start, in bytes and as a share of the
     # device (None: not measured); kept across unloads, so the next load makes room for it.
     measured_bytes: int | None = None
@@ -72,6 +86,10 @@ class Slot:
     last_load_seconds: float | None = None  # how long its last successful load took
     # Monotonic clock at which a load that evicts other slots is expected to end (None: no such load).
     load_eta: float | None = None
+    # Loaded without a request: a pinned slot's preload, and its loads again after a failure.
+    wanted: bool = False
+    wanted_since: float = 0.0
+    wish: Wish | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -83,27 +101,34 @@ class Slot:
         return self.last_load_seconds or self.config.expected_load_seconds
 
     @property
-    def held_share(self) -> float:
-        """The share the budget counts for the slot: its planned share, or what its engine was
-        measured to hold when that is more."""
-        return max(self.config.memory_share, self.measured_share or 0.0)
-
-    @property
     def waiting(self) -> int:
         return len(self.wait_starts)
 
     def owes(self, arrived: float) -> bool:
         """A request that arrived then is still to be admitted: a draining slot serves the requests
-        that were waiting for it before the drain began (it was loaded for them), not later ones."""
+        that were waiting for it before the drain began (it was loaded for them), not later ones;
+        a request that arrived before the last refusal of room has its answer."""
+        if self.load_refused is not None and arrived <= self.load_refused[0]:
+            return False
         return self.draining_since is None or arrived <= self.draining_since
 
     @property
     def owed(self) -> int:
         return sum(1 for arrived in self.wait_starts if self.owes(arrived))
 
+    @property
+    def owed_since(self) -> float | None:
+        """Arrival of the oldest request the slot still owes."""
+        return min((arrived for arrived in self.wait_starts if self.owes(arrived)), default=None)
+
     def admits(self, arrived: float) -> bool:
         """A request that arrived then can take the slot's engine now."""
-        return self.state is SlotState.LOADED and self.engine is not None and self.owes(arrived)
+        return (
+            self.state is SlotState.LOADED
+            and self.engine is not None
+            and self.dead_engine is None
+            and (self.draining_since is None or arrived <= self.draining_since)
+        )
 
     @property
     def idle(self) -> bool:
@@ -124,9 +149,7 @@ class Slot:
                 param="model",
                 retry_after=max(1.0, self.load_eta - now),
             )
-        if self.error is None or self.load_task is not None:
-            return None
-        if self.state is SlotState.UNLOADING:
+        if self.dead_engine is not None or (self.state is SlotState.UNLOADING and self.error is not None):
             return ModelUnavailable(
                 f"model {self.name!r} is down ({self.error}); it is being restarted",
                 param="model",

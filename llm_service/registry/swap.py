@@ -4,9 +4,13 @@ A pure decision over a snapshot of the slots; the registry applies it (evicts, d
 and asks again whenever something changes or the decision's `recheck_at` comes.
 
 The rules, for a slot that must be loaded and does not fit:
-* victims are the loaded slots in the way, idle ones first, then least recently used;
-* an idle victim is evicted at once, but never sooner than `min_residency` after its own load
-  (its next request is usually on its way);
+* idle slots that free enough (the fewest, then the least recently used) are evicted, once
+  their minimum residency is over;
+  otherwise victims are the slots already draining (a victim stays chosen until its drain ends
+  or is given up) and the fewest more loaded slots that free the rest (of equal counts: fewer
+  busy ones, then the least recently used);
+* an idle slot is never evicted sooner than `min_residency` after its own load (its next
+  request is usually on its way);
 * a busy victim keeps admitting new requests for `fairness` seconds from when it was loaded or
   the waiting slot's first request arrived, whichever is later (so the slot that is loaded
   serves its queue in one go, and the waiting slot's requests are then served together after
@@ -18,8 +22,10 @@ The rules, for a slot that must be loaded and does not fit:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+from llm_service.registry.memory import budget_share
 from llm_service.registry.slots import HOLDING, Slot, SlotState
 
 _EPS = 1e-9
@@ -37,18 +43,37 @@ class SlotView:
     last_used: float
     loaded_since: float
     draining_since: float | None = None
+    draining_for: str | None = None
+    waiting_since: float | None = None  # arrival of the oldest of the `waiting` requests
+    pinned: bool = False
+    dead: bool = False  # its engine died and is not shut down yet
+    wanted_since: float | None = None  # to be loaded without a request (a pinned slot's preload or retry)
+    wish: str | None = None  # an admin's "load" or "unload"
+    wish_since: float = 0.0
+    retry_at: float = 0.0
+    loadable: bool = True  # fits the budget at all, and the sizing plan did not rule it out
 
     @classmethod
-    def of(cls, slot: Slot) -> SlotView:
+    def of(cls, slot: Slot, budget: float) -> SlotView:
+        share = budget_share(slot)
         return cls(
             name=slot.name,
             state=slot.state,
-            share=slot.held_share,
+            share=share,
             in_flight=slot.in_flight,
             waiting=slot.owed,
             last_used=slot.last_used,
             loaded_since=slot.loaded_since,
             draining_since=slot.draining_since,
+            draining_for=slot.draining_for,
+            waiting_since=slot.owed_since,
+            pinned=slot.pinned,
+            dead=slot.dead_engine is not None,
+            wanted_since=slot.wanted_since if slot.wanted else None,
+            wish=slot.wish.kind if slot.wish is not None else None,
+            wish_since=slot.wish.since if slot.wish is not None else 0.0,
+            retry_at=slot.retry_at,
+            loadable=slot.config.unloadable is None and slot.config.memory_share <= budget + _EPS,
         )
 
     @property
@@ -85,11 +110,20 @@ class SwapPolicy:
         excess = sum(s.share for s in others if s.state in HOLDING) + target.share - budget
         if excess <= _EPS:
             return RoomDecision(fits=True)
-        victims = self._victims(others, excess)
-        if victims is None:
+        loaded = [s for s in others if s.state is SlotState.LOADED and not s.dead]
+        idle = self._fewest([s for s in loaded if s.idle], excess)
+        if idle is not None:  # idle slots free enough (a drain going on is then not needed)
+            resident = [s.loaded_since + self.min_residency for s in idle if now < s.loaded_since + self.min_residency]
+            if resident:
+                return RoomDecision(recheck_at=min(resident))
+            return RoomDecision(evict=tuple(s.name for s in idle))
+        draining = [s for s in loaded if s.draining_since is not None]
+        more = self._fewest(
+            [s for s in loaded if s.draining_since is None], excess - sum(s.share for s in draining)
+        )
+        if more is None:
             return RoomDecision(refuse=f"{target.share:.2f} of the budget cannot be freed")
-        if all(s.idle and now >= s.loaded_since + self.min_residency for s in victims):
-            return RoomDecision(evict=tuple(s.name for s in victims))
+        victims = draining + more
         drain: list[str] = []
         times: list[float] = []
         for victim in victims:
@@ -114,19 +148,16 @@ class SwapPolicy:
         return RoomDecision(drain=tuple(drain), recheck_at=min(times) if times else None)
 
     @staticmethod
-    def _victims(others: list[SlotView], excess: float) -> list[SlotView] | None:
-        """The fewest loaded slots, idle first and then least recently used, that free `excess`."""
-        loaded = sorted(
-            (s for s in others if s.state is SlotState.LOADED), key=lambda s: (not s.idle, s.last_used)
-        )
-        chosen: list[SlotView] = []
-        freed = 0.0
-        for slot in loaded:
-            if freed >= excess - _EPS:
-                break
-            chosen.append(slot)
-            freed += slot.share
-        return chosen if freed >= excess - _EPS else None
+    def _fewest(candidates: list[SlotView], need: float) -> list[SlotView] | None:
+        """The fewest of `candidates` that free `need` (of equal counts: fewer busy ones, then the
+        least recently used, then the smaller share); None if all of them together do not."""
+        for count in range(len(candidates) + 1):
+            fitting = [c for c in itertools.combinations(candidates, count) if sum(s.share for s in c) >= need - _EPS]
+            if fitting:
+                return list(min(fitting, key=lambda c: (
+                    sum(not s.idle for s in c), max((s.last_used for s in c), default=0.0), sum(s.share for s in c),
+                )))
+        return None
 
     @staticmethod
     def _busy(victims: list[SlotView]) -> str:

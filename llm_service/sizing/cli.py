@@ -8,6 +8,9 @@ import re
 import sys
 from typing import Any, TextIO
 
+import structlog
+
+from llm_service.admission import requests_at_once
 from llm_service.settings import SettingsError, load_settings
 from llm_service.sizing.estimate import GIB
 from llm_service.sizing.plan import Plan, SlotPlan
@@ -28,6 +31,18 @@ def parse_size(text: str) -> int:
 
 def _gib(value: int | None) -> str:
     return "?" if value is None else f"{value / GIB:.1f} GiB"
+
+
+# Requests (prompt plus output tokens) whose concurrency the plan shows: a chat turn, a RAG request.
+REQUEST_SIZES = (1000, 4000)
+
+
+def admitted_at_once(slot: SlotPlan) -> dict[int, int] | None:
+    """How many requests of each of REQUEST_SIZES tokens admission lets run at once on the slot
+    (what its KV cache and batch hold); None when the KV cache is unknown."""
+    if slot.kv_tokens is None or slot.unloadable:
+        return None
+    return {size: requests_at_once(slot.kv_tokens, slot.max_num_seqs, size) for size in REQUEST_SIZES}
 
 
 def _status(slot: SlotPlan, plan: Plan) -> str:
@@ -58,17 +73,23 @@ def render(plan: Plan, sources: dict[str, str], out: TextIO) -> None:
         + (f" ({_gib(int(device.budget * device.memory))})\n" if device.memory else "\n")
     )
     rows = [("SLOT", "MODEL", "CONFIG", "PRELOAD", "SHARE", "MAX_MODEL_LEN", "WEIGHTS", "OVERHEAD", "KV CACHE",
-             "KV TOKENS", "STATUS")]
+             "KV TOKENS", *(f"AT ONCE {size // 1000}K" for size in REQUEST_SIZES), "STATUS")]
     for slot in plan.slots:
+        at_once = admitted_at_once(slot)
         rows.append((
             slot.slot, slot.model_id, sources.get(slot.slot, "?"), "yes" if slot.preload else "no",
             f"{slot.share:.2f}", str(slot.max_model_len), _gib(slot.weights), _gib(slot.overhead),
-            _gib(slot.kv_bytes), "?" if slot.kv_tokens is None else str(slot.kv_tokens), _status(slot, plan),
+            _gib(slot.kv_bytes), "?" if slot.kv_tokens is None else str(slot.kv_tokens),
+            *("?" if at_once is None else str(at_once[size]) for size in REQUEST_SIZES), _status(slot, plan),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=False))
         out.write("  ".join(cells) + "  " + row[-1] + "\n")
+    out.write(
+        "AT ONCE: requests of 1,000 and 4,000 tokens (prompt plus output) a slot runs at once, all admitted; "
+        "more queue while they can start before their deadline.\n"
+    )
     preloaded = [s.slot for s in plan.slots if s.preload_requested]
     verdict = "every slot can load and the preloaded ones fit" if plan.fits else "this configuration DOES NOT FIT"
     if device.headroom is not None and device.outside_engines:
@@ -109,6 +130,8 @@ def as_json(plan: Plan, sources: dict[str, str]) -> dict[str, Any]:
                 "overhead_bytes": s.overhead,
                 "kv_cache_bytes": s.kv_bytes,
                 "kv_tokens": s.kv_tokens,
+                "max_num_seqs": s.max_num_seqs,
+                "admitted_at_once": {str(k): v for k, v in (admitted_at_once(s) or {}).items()} or None,
                 "unloadable": s.unloadable,
             }
             for s in plan.slots
@@ -127,9 +150,18 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser.add_argument(
         "--device-memory", type=parse_size, help="memory of one device, e.g. 24GiB (default: the real device)"
     )
-    parser.add_argument("--offline", action="store_true", help="do not ask the Hub for model configs")
+    network = parser.add_mutually_exclusive_group()
+    network.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask the Hugging Face Hub for configs the local folder and cache lack (one short attempt "
+        "per model); by default the plan uses the local cache and the bundled configs only",
+    )
+    network.add_argument("--offline", action="store_true", help="the default: never ask the Hub")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    # Log lines (a Hub lookup that failed) go to stderr: stdout is the plan, JSON with --json.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         settings = load_settings()
         device = args.device or settings.llm.device
@@ -142,7 +174,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
             if problem is not None:
                 sys.stderr.write(f"llm-service plan: {problem}\n")
             memory = memory or vllm_engines.device_memory_bytes(device)
-        plan, sources = sizing_plan_with_sources(settings.llm, device, memory, hub=False if args.offline else None)
+        plan, sources = sizing_plan_with_sources(settings.llm, device, memory, hub=args.online)
     except SettingsError as exc:
         sys.stderr.write(f"llm-service plan: {exc}\n")
         return 2

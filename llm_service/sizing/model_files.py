@@ -1,7 +1,8 @@
 """A model's metadata before its weights: config.json and the repository's file names.
 
-Looked up in a local folder, then the Hugging Face cache, then (metadata only, unless
-HF_HUB_OFFLINE) the Hub, then the configs shipped for the default models. Never downloads weights.
+Looked up in a local folder, then the Hugging Face cache, then (metadata only, one short attempt,
+when the caller asks or, at a service start, unless HF_HUB_OFFLINE) the Hub, then the configs
+shipped for the default models. Never downloads weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger(__name__)
+
+# Seconds one request to the Hub may take: a metadata lookup is a convenience, never worth a stall.
+HUB_TIMEOUT_SECONDS = 3.0
 
 # config.json of the default models (written from their published architectures), so that a
 # first start without network and `plan` on a laptop estimate what a start with the files would.
@@ -106,13 +110,21 @@ def _cached(model_id: str, revision: str | None) -> ModelMetadata | None:
 
 
 def _from_hub(model_id: str, revision: str | None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
-    """config.json (a few kB) and the file list from the Hub; nothing on any error."""
+    """config.json (a few kB) and the file list from the Hub; nothing on any error.
+
+    One attempt with a short timeout: the file listing (`list_repo_files`) retries a failed
+    connection five times with back-off, about 25 s per model and a printed line per retry, while
+    `model_info` asks once and lists the files too.
+    """
     try:
         from huggingface_hub import HfApi, hf_hub_download
 
-        files = tuple(HfApi().list_repo_files(model_id, revision=revision))
+        info = HfApi().model_info(model_id, revision=revision, timeout=HUB_TIMEOUT_SECONDS)
+        files = tuple(sibling.rfilename for sibling in info.siblings or ())
         name = next((n for n in CONFIG_FILES if n in files), CONFIG_FILES[0])
-        path = hf_hub_download(model_id, name, revision=revision, cache_dir=_hub_cache_dir())
+        path = hf_hub_download(
+            model_id, name, revision=revision, cache_dir=_hub_cache_dir(), etag_timeout=HUB_TIMEOUT_SECONDS
+        )
         config = _read_json(Path(path))
     except Exception as exc:
         log.warning("model_metadata_unavailable", model_id=model_id, error=f"{type(exc).__name__}: {exc}")

@@ -107,6 +107,7 @@ class SlotPlan:
     kv_tokens: int | None = None  # tokens that KV cache holds at full-length requests
     needed: int | None = None  # bytes for weights, overhead and the KV target (`sequences` requests)
     unloadable: str | None = None  # why the slot cannot load on this device
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences its engine batches at most
 
     @property
     def shrunk(self) -> bool:
@@ -166,6 +167,7 @@ def _evaluate(request: SlotRequest, device: Device, length: int, sequences: int,
         preload=preload,
         preload_requested=request.preload,
         sequences=sequences,
+        max_num_seqs=request.max_num_seqs,
     )
     fixed = _fixed_bytes(request, device)
     if fixed is None or not device.memory:

@@ -76,7 +76,7 @@ def test_miss_then_hit(client: httpx.Client, store: redis.Redis) -> None:
     key = new_key(store, before)
     assert key.startswith(f"{NAMESPACE}:response:v1:standard:")
     hit = post(client, body)
-    assert hit.headers["x-cache"] == "HIT" and hit.json()["cached"] is True
+    assert hit.headers["x-cache"].startswith("HIT-") and hit.json()["cached"] is True
     a, b = miss.json(), hit.json()
     assert a["text"] == b["text"] and a["text"]
     assert a["usage"] == b["usage"] and a["finish_reason"] == b["finish_reason"]
@@ -89,11 +89,11 @@ def test_miss_then_hit(client: httpx.Client, store: redis.Redis) -> None:
 def test_a_changed_parameter_misses(client: httpx.Client, change: dict[str, Any]) -> None:
     messages = question()
     post(client, greedy(messages))
-    assert post(client, greedy(messages)).headers["x-cache"] == "HIT"
+    assert post(client, greedy(messages)).headers["x-cache"].startswith("HIT-")
     runs = engine_runs(client)
     assert post(client, greedy(messages, **change)).headers["x-cache"] == "MISS"
     assert engine_runs(client) == runs + 1
-    assert post(client, greedy(messages, **change)).headers["x-cache"] == "HIT"
+    assert post(client, greedy(messages, **change)).headers["x-cache"].startswith("HIT-")
 
 
 def test_a_changed_question_misses(client: httpx.Client) -> None:
@@ -105,7 +105,7 @@ def test_a_streamed_request_is_answered_from_the_cache_as_a_stream(client: httpx
     body = greedy(question())
     plain = post(client, body).json()
     headers, events = stream(client, body)
-    assert headers["x-cache"] == "HIT"
+    assert headers["x-cache"].startswith("HIT-")
     assert "".join(e["text"] for e in events if e["type"] == "delta") == plain["text"]
     assert events[-1]["type"] == "done" and events[-1]["cached"] is True
     assert events[-1]["usage"] == plain["usage"]
@@ -114,7 +114,7 @@ def test_a_streamed_request_is_answered_from_the_cache_as_a_stream(client: httpx
     headers, events = stream(client, other)
     assert headers["x-cache"] == "MISS" and events[-1]["cached"] is False
     again = post(client, other)
-    assert again.headers["x-cache"] == "HIT"
+    assert again.headers["x-cache"].startswith("HIT-")
     assert again.json()["text"] == "".join(e["text"] for e in events if e["type"] == "delta")
 
 
@@ -126,7 +126,7 @@ def test_non_reproducible_requests_bypass_the_cache(client: httpx.Client, store:
     assert engine_runs(client) == runs + 2
     forced = {**body, "cache": {"use_cache": True}}
     post(client, forced)
-    assert post(client, forced).headers["x-cache"] == "HIT"
+    assert post(client, forced).headers["x-cache"].startswith("HIT-")
 
 
 def test_no_cache_skips_the_read(client: httpx.Client) -> None:
@@ -136,7 +136,7 @@ def test_no_cache_skips_the_read(client: httpx.Client) -> None:
     assert post(client, body, **{"Cache-Control": "no-cache"}).headers["x-cache"] == "MISS"
     assert post(client, {**body, "cache": {"no_cache": True}}).headers["x-cache"] == "MISS"
     assert engine_runs(client) == runs + 2
-    assert post(client, body).headers["x-cache"] == "HIT"
+    assert post(client, body).headers["x-cache"].startswith("HIT-")
 
 
 def test_no_store_skips_the_write(client: httpx.Client, store: redis.Redis) -> None:
@@ -175,7 +175,7 @@ def test_the_openai_surface_is_cached_too(client: httpx.Client) -> None:
     first = client.post("/v1/chat/completions", json=body)
     second = client.post("/v1/chat/completions", json=body)
     assert first.status_code == second.status_code == 200, first.text
-    assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
+    assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"].startswith("HIT-")
     texts = [r.json()["choices"][0]["message"]["content"] for r in (first, second)]
     assert texts[0] == texts[1]
 
@@ -256,5 +256,6 @@ def test_redis_dying_under_load_fails_no_request(
         t.join(300)
     assert failures == []
     # Once the breaker lets a probe through, entries are stored and served again.
-    wait_for(lambda: post(client, repeated).headers["x-cache"] == "HIT", 120, "a hit after the restart", 0.5)
-    assert client.get("/health").json()["dependencies"]["redis"]["status"] == "up"
+    wait_for(lambda: post(client, repeated).headers["x-cache"].startswith("HIT-"), 120, "a hit after the restart", 0.5)
+    # A hit from the in-process tier needs no Redis call: the breaker closes on its next probe.
+    wait_for(lambda: client.get("/health").json()["dependencies"]["redis"]["status"] == "up", 60, "Redis up", 0.5)

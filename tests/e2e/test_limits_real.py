@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 
@@ -36,40 +37,62 @@ def wait_engine_idle(client: httpx.Client, limit: float = 120.0) -> float:
     return time.monotonic() - started
 
 
-def test_ten_times_the_engine_batch_is_refused_in_part(client: httpx.Client, service: ServiceProcess) -> None:
-    admission = client.get("/health").json()["admission"]["standard"]
-    bound = admission["bound"]
-    # The default bound is 2x what the engine batches (max_num_seqs and KV cache, as vLLM reports them).
-    batch = bound // 2
-    total = 10 * batch
-    payload = {"prompt": "Count from one to twenty:", "max_tokens": 8, "temperature": 0.7}
+def test_a_flood_of_twenty_times_what_runs_at_once(client: httpx.Client, service: ServiceProcess) -> None:
+    figures = client.get("/health").json()["admission"]["standard"]
+    kv, max_num_seqs = figures["kv_cache_tokens"], figures["max_num_seqs"]
+    # Each request reserves an eighth of the KV cache (max_tokens), and ends after a few tokens.
+    max_tokens = min(2048 - 64, kv // 8)
+    payload = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0,
+               "max_tokens": max_tokens, "cache": {"use_cache": False}}
 
-    async def one(http: httpx.AsyncClient) -> tuple[int, float]:
+    async def one(http: httpx.AsyncClient, **headers: str) -> tuple[int, float, str | None]:
         started = time.monotonic()
-        r = await http.post("/generate", json=payload)
+        r = await http.post("/generate", json=payload, headers=headers)
         if r.status_code == 429:
-            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
-        return r.status_code, time.monotonic() - started
+            assert r.json()["error"]["type"] == "overloaded"
+        return r.status_code, time.monotonic() - started, r.headers.get("retry-after")
 
-    async def burst() -> list[tuple[int, float]]:
-        limits = httpx.Limits(max_connections=total)
+    async def flood() -> tuple[int, list[tuple[int, float, str | None]], list[int]]:
+        limits = httpx.Limits(max_connections=None)
         async with httpx.AsyncClient(base_url=service.base_url, timeout=600, limits=limits) as http:
-            return await asyncio.gather(*(one(http) for _ in range(total)))
+            prompt_tokens = (await http.post("/generate", json=payload)).json()["usage"]["prompt_tokens"]
+            at_once = min(max_num_seqs, kv // (prompt_tokens + max_tokens))
+            # A round that runs at once measures the drain rate at this shape of request.
+            assert {s for s, _, _ in await asyncio.gather(*(one(http) for _ in range(at_once)))} == {200}
+            live: list[int] = []
+            done = asyncio.Event()
+
+            async def probe() -> None:
+                while not done.is_set():
+                    live.append((await http.get("/health/live")).status_code)
+                    await asyncio.sleep(0.05)
+
+            prober = asyncio.create_task(probe())
+            results = await asyncio.gather(*(one(http, **{"X-Request-Timeout": "10"}) for _ in range(20 * at_once)))
+            done.set()
+            await prober
+            return at_once, results, live
 
     started = time.monotonic()
-    results = asyncio.run(burst())
+    at_once, results, live = asyncio.run(flood())
     elapsed = time.monotonic() - started
-    served = [t for status, t in results if status == 200]
-    refused = [t for status, t in results if status == 429]
+    served = [t for status, t, _ in results if status == 200]
+    refused = sorted(t for status, t, _ in results if status == 429)
+    assert refused and served
+    p50, p99 = (refused[max(0, math.ceil(q * len(refused)) - 1)] for q in (0.5, 0.99))
     print(
-        f"\noverload: batch {batch}, bound {bound}, sent {total}: served {len(served)}, refused {len(refused)}, "
-        f"slowest refusal {max(refused, default=0) * 1000:.0f} ms, slowest success {max(served, default=0):.1f} s, "
+        f"\nflood: {at_once} run at once ({max_tokens} tokens reserved each, KV {kv}), sent {20 * at_once}: "
+        f"served {len(served)}, refused {len(refused)}, refusal p50 {p50 * 1000:.0f} ms "
+        f"p99 {p99 * 1000:.0f} ms, slowest success {max(served):.1f} s, /health/live {len(live)} probes, "
         f"all done in {elapsed:.1f} s"
     )
-    assert len(served) + len(refused) == total
-    assert refused and len(served) >= bound
+    # Every request ended: the admitted ones served (none left to time out), the excess refused at once.
+    assert len(served) + len(refused) == 20 * at_once
+    assert len(served) >= at_once
+    assert all(retry is not None and int(retry) >= 1 for status, _, retry in results if status == 429)
+    assert live and set(live) == {200}
     text = client.get("/metrics").text
-    assert metric(text, "llm_requests_refused_total", model="standard", reason="slot") >= len(refused)
+    assert metric(text, "llm_requests_refused_total", model="standard", reason="queue") >= len(refused)
     assert metric(text, "llm_requests_waiting", model="standard") == 0
 
 

@@ -3,50 +3,150 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import pytest
 
-from llm_service.admission import AdmissionLimits, AdmissionPolicy, SlotLoad
+from llm_service.admission import (
+    AdmissionController,
+    AdmissionLimits,
+    AdmissionPolicy,
+    DrainMeter,
+    DrainRate,
+    SlotLoad,
+    Work,
+    queue_seconds,
+    requests_at_once,
+)
 from llm_service.engines.base import EngineCapacity
+from llm_service.errors import Overloaded
+from llm_service.metrics import Metrics
 from tests.metrics_text import metric
 
 from .app_client import app_client
 
-
-def test_batch_is_the_smaller_of_max_num_seqs_and_what_the_kv_cache_holds():
-    assert EngineCapacity(max_num_seqs=256, kv_cache_tokens=23_000, max_model_len=2048).batch == 11
-    assert EngineCapacity(max_num_seqs=4, kv_cache_tokens=1_000_000, max_model_len=2048).batch == 4
-    assert EngineCapacity(max_num_seqs=8, kv_cache_tokens=100, max_model_len=2048).batch == 1
+CAPACITY = EngineCapacity(max_num_seqs=8, kv_cache_tokens=10_000, max_model_len=4096)
+RATE = DrainRate(tokens_per_second=1000.0, sequences_per_second=0.5)
 
 
-def test_slot_bound_comes_from_the_engine_unless_set():
-    derived = AdmissionPolicy(AdmissionLimits(per_batch=2.0, before_load=5))
-    assert derived.slot_bound(SlotLoad(batch=11)) == 22
-    assert derived.slot_bound(SlotLoad(batch=None)) == 5  # not loaded yet: capacity unknown
-    fixed = AdmissionPolicy(AdmissionLimits(per_slot=3))
-    assert fixed.slot_bound(SlotLoad(batch=11)) == 3
+@pytest.mark.parametrize(
+    ("held", "work", "drain", "seconds_left", "reason", "retry_after"),
+    [
+        # An idle slot runs any request that passed validation.
+        (Work(0, 0), Work(1, 9_999), None, math.inf, None, None),
+        # Room in the KV cache and the batch: starts at once, whatever the deadline.
+        (Work(3, 6_000), Work(1, 4_000), RATE, 0.001, None, None),
+        # KV cache full, no rate measured yet: queued up to per_batch (2) engine-fulls of work...
+        (Work(5, 10_000), Work(1, 1_000), None, math.inf, None, None),
+        (Work(8, 800), Work(1, 100), None, math.inf, None, None),
+        # ...and refused past them, with the momentary Retry-After.
+        (Work(10, 19_500), Work(1, 1_000), None, math.inf, "queue", 1.0),
+        (Work(16, 1_600), Work(1, 100), None, math.inf, "queue", 1.0),
+        # With a rate: 3,000 tokens over the KV cache drain in 3 s; queued when the deadline is later...
+        (Work(7, 12_000), Work(1, 1_000), RATE, 10.0, None, None),
+        (Work(7, 12_000), Work(1, 1_000), RATE, math.inf, None, None),
+        # ...refused now when it is sooner, Retry-After the expected drain.
+        (Work(7, 12_000), Work(1, 1_000), RATE, 2.0, "queue", 3),
+        # The batch bounds too: 3 sequences over max_num_seqs at 0.5 a second is 6 s.
+        (Work(10, 1_000), Work(1, 10), RATE, 5.0, "queue", 6),
+        (Work(10, 1_000), Work(1, 10), RATE, 7.0, None, None),
+    ],
+)
+def test_work_refusal(held, work, drain, seconds_left, reason, retry_after):
+    policy = AdmissionPolicy(AdmissionLimits(per_batch=2.0))
+    load = SlotLoad(pending=held.sequences, held=held, capacity=CAPACITY, drain=drain)
+    refusal = policy.work_refusal("a", work, load, seconds_left)
+    assert (refusal.reason if refusal else None) == reason
+    if refusal is not None:
+        assert refusal.retry_after == retry_after
 
 
-def test_refusals_per_slot_and_in_total():
+def test_work_of_a_slot_never_loaded_is_bounded_by_count_only():
+    policy = AdmissionPolicy(AdmissionLimits())
+    assert policy.work_refusal("a", Work(9, 10**9), SlotLoad(pending=9, held=Work(9, 10**9)), 0.1) is None
+
+
+@pytest.mark.parametrize(
+    ("held", "work", "expected"),
+    [
+        (Work(0, 0), Work(1, 10_000), 0.0),
+        (Work(7, 9_000), Work(1, 2_000), 1.0),  # 1,000 tokens over at 1,000 a second
+        (Work(9, 100), Work(1, 100), 4.0),  # 2 sequences over at 0.5 a second
+    ],
+)
+def test_queue_seconds(held, work, expected):
+    assert queue_seconds(SlotLoad(held=held, capacity=CAPACITY, drain=RATE), work) == expected
+    if expected:
+        assert queue_seconds(SlotLoad(held=held, capacity=CAPACITY), work) is None  # no rate yet
+
+
+@pytest.mark.parametrize(
+    ("kv_tokens", "max_num_seqs", "tokens", "expected"),
+    [
+        (9_289, 256, 1_000, 9),  # `standard` on 24 GiB
+        (9_289, 256, 4_000, 2),
+        (188_589, 256, 1_000, 188),
+        (188_589, 128, 1_000, 128),  # the batch bounds
+        (500, 256, 1_000, 0),
+    ],
+)
+def test_requests_at_once(kv_tokens, max_num_seqs, tokens, expected):
+    assert requests_at_once(kv_tokens, max_num_seqs, tokens) == expected
+
+
+def test_count_bounds_apply_where_set():
     policy = AdmissionPolicy(AdmissionLimits(per_slot=4, total=6))
-    loads = {"a": SlotLoad(pending=3, batch=2), "b": SlotLoad(pending=2, batch=2)}
-    assert policy.refusal("a", 1, loads) is None
-    refusal = policy.refusal("a", 2, loads)
+    loads = {"a": SlotLoad(pending=3, capacity=CAPACITY), "b": SlotLoad(pending=2, capacity=CAPACITY)}
+    assert policy.arrival_refusal("a", 1, loads) is None
+    refusal = policy.arrival_refusal("a", 2, loads)
     assert refusal is not None and refusal.reason == "slot" and refusal.limit == 4
-    loads = {"a": SlotLoad(pending=3, batch=2), "b": SlotLoad(pending=3, batch=2)}
-    refusal = policy.refusal("b", 1, loads)
+    loads = {"a": SlotLoad(pending=3, capacity=CAPACITY), "b": SlotLoad(pending=3, capacity=CAPACITY)}
+    refusal = policy.arrival_refusal("b", 1, loads)
     assert refusal is not None and refusal.reason == "total" and refusal.limit == 6
 
 
-def test_a_request_heavier_than_the_bound_runs_on_an_idle_slot():
-    policy = AdmissionPolicy(AdmissionLimits(per_slot=2))
-    assert policy.refusal("a", 5, {"a": SlotLoad(pending=0, batch=1)}) is None
-    assert policy.refusal("a", 1, {"a": SlotLoad(pending=2, batch=1)}) is not None
+def test_without_explicit_bounds_only_a_slot_never_loaded_is_bounded_by_count():
+    policy = AdmissionPolicy(AdmissionLimits(before_load=5))
+    assert policy.slot_bound(SlotLoad(capacity=CAPACITY)) is None
+    assert policy.arrival_refusal("a", 1, {"a": SlotLoad(pending=1000, capacity=CAPACITY)}) is None
+    assert policy.slot_bound(SlotLoad()) == 5
+    assert policy.arrival_refusal("a", 1, {"a": SlotLoad(pending=5)}) is not None
+    assert policy.arrival_refusal("a", 9, {"a": SlotLoad(pending=0)}) is None  # an idle slot takes one
 
 
-def test_total_bound_defaults_to_the_sum_of_the_slots():
-    policy = AdmissionPolicy(AdmissionLimits(per_batch=2.0, before_load=10))
-    assert policy.total_bound({"a": SlotLoad(batch=4), "b": SlotLoad(batch=None)}) == 18
+def test_drain_meter_measures_release_per_busy_second():
+    meter = DrainMeter(horizon=1e9)
+    assert meter.rate() is None
+    meter.tick(0.0, busy=False)
+    meter.tick(2.0, busy=True)  # busy from 0 to 2
+    meter.release(Work(2, 1_000))
+    meter.tick(10.0, busy=False)  # idle time does not count
+    meter.tick(12.0, busy=True)
+    meter.release(Work(2, 1_000))
+    rate = meter.rate()
+    assert rate is not None
+    assert rate.tokens_per_second == pytest.approx(500.0) and rate.sequences_per_second == pytest.approx(1.0)
+
+
+async def test_arrivals_reserve_their_least_work_until_their_exact_work_replaces_it():
+    now = iter(range(100))
+    controller = AdmissionController(["a"], AdmissionPolicy(AdmissionLimits(per_batch=1.0)), Metrics(),
+                                     lambda slot: CAPACITY, clock=lambda: float(next(now)))
+    async with controller.admit("a", Work(1, 5_000)) as first, controller.admit("a", Work(1, 4_000)) as second:
+        # Neither has started, yet a third is weighed against both reservations (no queue at per_batch 1).
+        with pytest.raises(Overloaded):
+            async with controller.admit("a", Work(1, 1_001)):
+                pass
+        first.start(Work(1, 6_000), CAPACITY)  # its prompt: 1,000 tokens more than reserved
+        with pytest.raises(Overloaded):
+            second.start(Work(1, 4_500), CAPACITY)
+        assert controller.snapshot()["a"] | {"drain_tokens_per_second": None} == {
+            "waiting": 1, "running": 1, "held_tokens": 10_000, "kv_cache_tokens": 10_000, "max_num_seqs": 8,
+            "drain_tokens_per_second": None, "bound": None,
+        }
+    assert controller.snapshot()["a"]["held_tokens"] == 0
+    assert controller.snapshot()["a"]["drain_tokens_per_second"] == 6_000  # drained in one second of the clock
 
 
 @pytest.mark.parametrize(
@@ -56,7 +156,7 @@ def test_total_bound_defaults_to_the_sum_of_the_slots():
         ("/v1/completions", {"model": "standard", "prompt": "one two three"}, {"type", "message", "param", "code"}),
     ],
 )
-async def test_past_the_slot_bound_requests_get_429_at_once(path, payload, envelope_keys):
+async def test_past_an_explicit_slot_bound_requests_get_429_at_once(path, payload, envelope_keys):
     async with app_client(engine={"token_delay": 0.2}, max_pending_per_slot=2) as (client, _):
         responses = await asyncio.gather(*(client.post(path, json=payload) for _ in range(6)))
         statuses = sorted(r.status_code for r in responses)
@@ -71,16 +171,66 @@ async def test_past_the_slot_bound_requests_get_429_at_once(path, payload, envel
         assert (await client.post(path, json=payload)).status_code == 200
 
 
-async def test_default_bound_refuses_part_of_ten_times_what_the_engine_batches():
-    # The fake engine batches 4; the default bound is 2 x 4 = 8 running or waiting.
-    async with app_client(engine={"token_delay": 0.05, "max_num_seqs": 4}) as (client, _):
-        responses = await asyncio.gather(
-            *(client.post("/generate", json={"prompt": f"p {i}"}) for i in range(40))
-        )
-        served = sum(r.status_code == 200 for r in responses)
-        refused = sum(r.status_code == 429 for r in responses)
-        assert served + refused == 40
-        assert served == 8 and refused == 32
+def _request(i: int, max_tokens: int = 7) -> dict[str, object]:
+    # Three prompt words plus max_tokens: 10 tokens of work with the fake engine.
+    return {"prompt": f"count {i} now", "max_tokens": max_tokens, "cache": {"use_cache": False}}
+
+
+async def test_what_the_engine_runs_at_once_is_never_refused():
+    # 40 KV tokens: four 10-token requests at once, whatever their count bound used to be.
+    async with app_client(engine={"token_delay": 0.05, "kv_cache_tokens": 40}) as (client, _):
+        responses = await asyncio.gather(*(client.post("/generate", json=_request(i)) for i in range(4)))
+        assert [r.status_code for r in responses] == [200] * 4
+
+
+async def test_a_flood_is_refused_at_once_and_the_admitted_are_served():
+    at_once = 4  # 40 KV tokens, 10 tokens a request
+    async with app_client(engine={"token_delay": 0.05, "kv_cache_tokens": 40}) as (client, _):
+        live: list[int] = []
+        flooding = True
+
+        async def probe_liveness() -> None:
+            while flooding:
+                live.append((await client.get("/health/live")).status_code)
+                await asyncio.sleep(0.01)
+
+        async def one(i: int) -> tuple[int, float, str | None]:
+            started = time.perf_counter()
+            r = await client.post("/generate", json=_request(i))
+            return r.status_code, time.perf_counter() - started, r.headers.get("retry-after")
+
+        prober = asyncio.create_task(probe_liveness())
+        results = await asyncio.gather(*(one(i) for i in range(20 * at_once)))
+        flooding = False
+        await prober
+        served = [r for r in results if r[0] == 200]
+        refused = sorted(seconds for status, seconds, _ in results if status == 429)
+        assert len(served) + len(refused) == 20 * at_once  # every request ended, served or refused
+        # No drain rate measured yet: two engine-fulls are admitted (running and queued behind them).
+        assert len(served) == 2 * at_once
+        assert all(retry == "1" for status, _, retry in results if status == 429)
+        assert live and set(live) == {200}
+        p99 = refused[math.ceil(0.99 * len(refused)) - 1]
+        print(f"\nflood of {20 * at_once}: {len(served)} served, {len(refused)} refused, "
+              f"refusal p99 {p99 * 1000:.1f} ms")
+        text = (await client.get("/metrics")).text
+        assert metric(text, "llm_requests_refused_total", model="standard", reason="queue") == len(refused)
+        assert metric(text, "llm_requests_waiting", model="standard") == 0
+
+
+async def test_a_request_that_could_not_start_before_its_deadline_gets_429_at_once():
+    async with app_client(engine={"token_delay": 0.05, "kv_cache_tokens": 40}) as (client, _):
+        # Measure a drain rate, then fill the engine and queue one engine-full behind it.
+        assert {r.status_code for r in await asyncio.gather(
+            *(client.post("/generate", json=_request(i)) for i in range(4)))} == {200}
+        busy = [asyncio.create_task(client.post("/generate", json=_request(i))) for i in range(8)]
+        await asyncio.sleep(0.02)
+        rushed = await client.post("/generate", json=_request(99), headers={"X-Request-Timeout": "0.05"})
+        assert rushed.status_code == 429 and rushed.json()["error"]["type"] == "overloaded"
+        assert int(rushed.headers["retry-after"]) >= 1
+        patient = await client.post("/generate", json=_request(100), headers={"X-Request-Timeout": "60"})
+        assert patient.status_code == 200
+        assert {r.status_code for r in await asyncio.gather(*busy)} == {200}
 
 
 async def test_waiting_and_running_gauges_follow_the_engine_batch():
@@ -110,9 +260,11 @@ async def test_total_bound_covers_every_slot():
         assert sorted(r.status_code for r in responses) == [200, 200, 429]
 
 
-async def test_bound_comes_from_a_loaded_engine_before_any_request():
-    # Preloaded standard (fake batch 8): 2 x 8; longctx not loaded yet: the before-load bound.
+async def test_health_shows_the_engine_capacity_before_any_request():
+    # Preloaded standard (fake: 8 sequences, 65,536 KV tokens): bounded by work; longctx not loaded
+    # yet: the before-load count bound.
     async with app_client(max_pending_before_load=5) as (client, _):
         admission = (await client.get("/health")).json()["admission"]
-        assert admission["standard"]["bound"] == 16
+        assert admission["standard"]["bound"] is None
+        assert admission["standard"]["kv_cache_tokens"] == 65536 and admission["standard"]["max_num_seqs"] == 8
         assert admission["longctx"]["bound"] == 5

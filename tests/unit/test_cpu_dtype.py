@@ -38,3 +38,14 @@ def test_engine_arguments_carry_it(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vllm_engine.VLLMEngine(implicit).engine_args().dtype == "float32"
     explicit = EngineConfig("standard", demo, 512, 0.2, "cpu", True, extra_args={"dtype": "bfloat16"})
     assert vllm_engine.VLLMEngine(explicit).engine_args().dtype == "bfloat16"
+
+
+def test_the_real_backend_writes_the_chosen_dtype_into_the_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """So that the response cache key carries it (issue 25): see app.with_host_args."""
+    from llm_service.app import vllm_backend, with_host_args
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(vllm_engine.current_platform, "get_cpu_architecture", lambda: vllm_engine.CpuArchEnum.X86)
+    backend = vllm_backend("cpu")
+    assert with_host_args(config(), backend).extra_args == {"dtype": "float32"}
+    assert with_host_args(config(dtype="bfloat16"), backend).extra_args == {"dtype": "bfloat16"}

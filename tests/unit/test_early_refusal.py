@@ -40,7 +40,7 @@ async def test_a_long_evicting_load_refuses_its_waiter_at_once_and_goes_on() -> 
     assert "LLM_LOAD_WAIT_SECONDS" in refused.value.message
     # The load goes on without its waiter; the retry finds the slot loaded.
     for _ in range(50):
-        if reg.slot("multimodal").load_task is None and reg.slot("multimodal").state is SlotState.LOADED:
+        if reg.slot("multimodal").state is SlotState.LOADED and reg.slot("multimodal").load_eta is None:
             break
         await asyncio.sleep(0.05)
     assert reg.slot("multimodal").state is SlotState.LOADED and reg.slot("multimodal").load_eta is None

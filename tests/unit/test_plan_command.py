@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_plan(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "HF_"))}
-    environment.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), **env)
+    environment.update({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), **env})
     return subprocess.run(
         [sys.executable, "-m", "llm_service", "plan", *args],
         cwd=REPO, env=environment, capture_output=True, text=True, timeout=120, check=False,
@@ -108,3 +109,38 @@ def test_invalid_settings_and_sizes_are_refused(tmp_path: Path) -> None:
     assert run_plan("--device", "cuda", "--device-memory", "lots", cache=tmp_path).returncode == 2
     result = run_plan("--device", "cuda", "--device-memory", "24GiB", cache=tmp_path, LLM_MIN_MODEL_LEN="10")
     assert result.returncode == 2 and "LLM_MIN_MODEL_LEN" in result.stderr
+
+
+def test_the_24_gib_plan_admits_eight_concurrent_rag_requests_on_standard(tmp_path: Path) -> None:
+    # The figures of the bundled configs (no weights cached): what admission lets run at once.
+    _, plan = plan_json(24, tmp_path)
+    standard = next(slot for slot in plan["slots"] if slot["slot"] == "standard")
+    at_once = standard["admitted_at_once"]
+    assert at_once["1000"] >= 8, standard
+    assert at_once["1000"] == min(standard["max_num_seqs"], standard["kv_tokens"] // 1000)
+    assert at_once["4000"] == min(standard["max_num_seqs"], standard["kv_tokens"] // 4000)
+    text = run_plan("--device", "cuda", "--device-memory", "24GiB", cache=tmp_path).stdout
+    assert "AT ONCE 1K" in text and "AT ONCE 4K" in text
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_without_network_plan_answers_from_the_bundled_configs_and_asks_no_hub(tmp_path: Path) -> None:
+    """The Hub unreachable (HF_ENDPOINT on a closed port, offline switches off): the plan comes from
+    the bundled configs with nothing on stderr; with --online, one short attempt and one line per
+    model, never huggingface_hub's retries, and stdout stays the plan (JSON here)."""
+    hub = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    default = run_plan("--device", "cuda", "--device-memory", "24GiB", "--json", cache=tmp_path, **hub)
+    assert default.returncode == 0, default.stderr
+    assert default.stderr == ""
+    assert {slot["config_source"] for slot in json.loads(default.stdout)["slots"]} == {"bundled"}
+    online = run_plan("--online", "--device", "cuda", "--device-memory", "24GiB", "--json", cache=tmp_path, **hub)
+    assert online.returncode == 0, online.stderr
+    assert json.loads(online.stdout)["slots"] == json.loads(default.stdout)["slots"]
+    lines = online.stderr.splitlines()
+    assert len(lines) == len(PRODUCTION_MODELS) and all("model_metadata_unavailable" in line for line in lines)
+    assert "Retry" not in online.stderr

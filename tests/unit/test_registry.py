@@ -201,7 +201,7 @@ async def test_dead_engine_is_dropped_and_reloaded(make_registry):
     with pytest.raises(ModelUnavailable, match="died"):  # down: refused at once, not queued
         await _use(registry, "standard")
     for _ in range(100):  # it reloads by itself (back-off 0)
-        if slot.state is SlotState.LOADED:
+        if slot.state is SlotState.LOADED and slot.error is None:
             break
         await asyncio.sleep(0.01)
     await _use(registry, "standard")

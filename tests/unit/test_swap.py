@@ -118,6 +118,6 @@ def test_a_draining_slot_owes_only_the_requests_that_waited_before_its_drain() -
     assert slot.owed == 2 and slot.admits(20.0)
     slot.draining_since = 15.0
     assert slot.owed == 1 and slot.admits(10.0) and not slot.admits(20.0)
-    assert SlotView.of(slot).waiting == 1
+    assert SlotView.of(slot, 1.0).waiting == 1
     slot.wait_starts = [20.0]
-    assert SlotView.of(slot).idle  # the later request waits for the slot's next load
+    assert SlotView.of(slot, 1.0).idle  # the later request waits for the slot's next load

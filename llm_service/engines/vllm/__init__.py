@@ -7,7 +7,7 @@ from llm_service.engines.vllm.device import (
     gpu_available,
     platform_facts,
 )
-from llm_service.engines.vllm.engine import VLLMEngine
+from llm_service.engines.vllm.engine import VLLMEngine, cpu_dtype_args
 
-__all__ = ["VLLMEngine", "choose_device", "device_memory_bytes", "free_memory_bytes", "gpu_available",
-           "platform_facts"]
+__all__ = ["VLLMEngine", "choose_device", "cpu_dtype_args", "device_memory_bytes", "free_memory_bytes",
+           "gpu_available", "platform_facts"]

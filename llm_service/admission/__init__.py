@@ -1,0 +1,29 @@
+"""Admission control: whom to admit (policy.py) and the per-slot counts and work it decides on (controller.py)."""
+
+from llm_service.admission.controller import Admission, AdmissionController, DrainMeter
+from llm_service.admission.policy import (
+    RETRY_AFTER_SECONDS,
+    AdmissionLimits,
+    AdmissionPolicy,
+    DrainRate,
+    Refusal,
+    SlotLoad,
+    Work,
+    queue_seconds,
+    requests_at_once,
+)
+
+__all__ = [
+    "RETRY_AFTER_SECONDS",
+    "Admission",
+    "AdmissionController",
+    "AdmissionLimits",
+    "AdmissionPolicy",
+    "DrainMeter",
+    "DrainRate",
+    "Refusal",
+    "SlotLoad",
+    "Work",
+    "queue_seconds",
+    "requests_at_once",
+]

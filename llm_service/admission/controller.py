@@ -1,0 +1,204 @@
+"""Admission mechanism: per-slot counts and held work, the drain-rate meter, 429s and the gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from llm_service.admission.policy import NO_WORK, AdmissionPolicy, DrainRate, Refusal, SlotLoad, Work, fits_at_once
+from llm_service.engines.base import EngineCapacity
+from llm_service.errors import Overloaded
+from llm_service.metrics import Metrics
+
+DRAIN_HORIZON_SECONDS = 60.0  # busy seconds over which the drain rate forgets older requests
+
+
+class DrainMeter:
+    """Tokens and sequences a slot's engine releases per second of busy time (requests held),
+    an exponentially decayed average over about `horizon` busy seconds."""
+
+    def __init__(self, horizon: float = DRAIN_HORIZON_SECONDS) -> None:
+        self._horizon = horizon
+        self._tokens = 0.0
+        self._sequences = 0.0
+        self._busy = 0.0
+        self._last: float | None = None
+
+    def tick(self, now: float, busy: bool) -> None:
+        """Account the time since the last event; `busy`: the slot held work all that time."""
+        if self._last is not None and busy:
+            elapsed = max(0.0, now - self._last)
+            decay = math.exp(-elapsed / self._horizon)
+            self._tokens *= decay
+            self._sequences *= decay
+            self._busy = self._busy * decay + elapsed
+        self._last = now
+
+    def release(self, work: Work) -> None:
+        """`work` finished (tick first)."""
+        self._tokens += work.tokens
+        self._sequences += work.sequences
+
+    def rate(self) -> DrainRate | None:
+        if self._busy <= 0 or self._sequences <= 0:
+            return None
+        return DrainRate(self._tokens / self._busy, self._sequences / self._busy)
+
+
+@dataclass
+class _Held:
+    work: Work  # a lower bound of the request's work until it starts, then its work
+    started: bool = False  # given to the engine
+
+
+@dataclass
+class _SlotState:
+    held: dict[int, _Held] = field(default_factory=dict)  # admitted and not finished, oldest first
+    capacity: EngineCapacity | None = None
+    drain: DrainMeter = field(default_factory=DrainMeter)
+
+    def held_work(self, exclude: int | None = None) -> Work:
+        total = NO_WORK
+        for key, held in self.held.items():
+            if key != exclude:
+                total = total + held.work
+        return total
+
+    def busy(self) -> bool:
+        return any(held.started for held in self.held.values())
+
+    def running(self) -> int:
+        """Sequences the engine runs now: the oldest started requests, as many as fit at once."""
+        started = [held.work for held in self.held.values() if held.started]
+        if self.capacity is None:
+            return sum(work.sequences for work in started)
+        running = NO_WORK
+        for work in started:
+            if not fits_at_once(self.capacity, running, work) and running.sequences:
+                break
+            running = running + work
+        return running.sequences
+
+
+class AdmissionController:
+    """Admits requests per slot by the policy, refuses with 429 at once, and publishes the counts."""
+
+    def __init__(
+        self,
+        slots: list[str],
+        policy: AdmissionPolicy,
+        metrics: Metrics,
+        loaded_capacity: Callable[[str], EngineCapacity | None] = lambda slot: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self._metrics = metrics
+        # The capacity of the slot's engine while it is loaded (None otherwise); the last one seen
+        # stands in while the slot is unloaded or reloading.
+        self._loaded_capacity = loaded_capacity
+        self._clock = clock
+        self._slots = {name: _SlotState() for name in slots}
+        self._ids = itertools.count()
+        for name in slots:
+            self._publish(name)
+
+    def loads(self) -> dict[str, SlotLoad]:
+        return {name: self._load(name, state) for name, state in self._slots.items()}
+
+    def _load(self, slot: str, state: _SlotState, exclude: int | None = None) -> SlotLoad:
+        capacity = self._loaded_capacity(slot)
+        if capacity is not None:
+            state.capacity = capacity
+        held = state.held_work(exclude)
+        return SlotLoad(held.sequences, held, state.capacity, state.drain.rate())
+
+    def snapshot(self) -> dict[str, dict[str, int | float | None]]:
+        """Per slot (for /health and tests): waiting and running requests, the tokens held, the
+        engine's capacity, the measured drain rate and the count bound (None: bounded by work)."""
+        figures: dict[str, dict[str, int | float | None]] = {}
+        for name, state in self._slots.items():
+            load = self._load(name, state)
+            running = state.running()
+            capacity, drain = load.capacity, load.drain
+            figures[name] = {
+                "waiting": load.pending - running,
+                "running": running,
+                "held_tokens": load.held.tokens,
+                "kv_cache_tokens": capacity.kv_cache_tokens if capacity else None,
+                "max_num_seqs": capacity.max_num_seqs if capacity else None,
+                "drain_tokens_per_second": round(drain.tokens_per_second, 1) if drain else None,
+                "bound": self.policy.slot_bound(load),
+            }
+        return figures
+
+    @contextlib.asynccontextmanager
+    async def admit(self, slot: str, least: Work, deadline: float | None = None) -> AsyncIterator[Admission]:
+        """Admit a request to wait for `slot`'s engine until the context exits, or raise Overloaded
+        (429) at once: past a count bound, or when even `least` (a lower bound of its work, known
+        before the engine renders it) could not start before `deadline` (event-loop time; None:
+        none). `Admission.start` then decides on its exact work."""
+        loads = self.loads()
+        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
+        if refusal is None:
+            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
+        self._refuse(slot, refusal)
+        state = self._slots[slot]
+        key = next(self._ids)
+        state.held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
+        self._publish(slot)
+        try:
+            yield Admission(self, slot, key)
+        finally:
+            busy = state.busy()
+            held = state.held.pop(key)
+            if held.started:
+                state.drain.tick(self._clock(), busy)
+                state.drain.release(held.work)
+            self._publish(slot)
+
+    def _refuse(self, slot: str, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            self._metrics.requests_refused.labels(model=slot, reason=refusal.reason).inc()
+            raise Overloaded(refusal.message, param="model", retry_after=refusal.retry_after)
+
+    def _start(self, slot: str, key: int, work: Work, capacity: EngineCapacity, deadline: float | None) -> None:
+        state = self._slots[slot]
+        state.capacity = capacity
+        load = self._load(slot, state, exclude=key)
+        self._refuse(slot, self.policy.work_refusal(slot, work, load, _seconds_left(deadline)))
+        state.drain.tick(self._clock(), state.busy())
+        state.held[key] = _Held(work, started=True)
+        self._publish(slot)
+
+    def _publish(self, slot: str) -> None:
+        state = self._slots[slot]
+        running = state.running()
+        self._metrics.requests_waiting.labels(model=slot).set(state.held_work().sequences - running)
+        self._metrics.requests_running.labels(model=slot).set(running)
+
+
+def _seconds_left(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
+
+
+class Admission:
+    """One request admitted to wait for a slot; `start(work, ...)` once its work is known and it
+    holds the slot's engine."""
+
+    def __init__(self, controller: AdmissionController, slot: str, key: int) -> None:
+        self._controller = controller
+        self.slot = slot
+        self._key = key
+        self.started = False
+
+    def start(self, work: Work, capacity: EngineCapacity, deadline: float | None = None) -> None:
+        """Give the engine `work`, or raise Overloaded (429) when it could not start before `deadline`
+        (event-loop time; None: no deadline)."""
+        if not self.started:
+            self._controller._start(self.slot, self._key, work, capacity, deadline)
+            self.started = True
