@@ -83,17 +83,15 @@ def detect() -> Engine:
 
 def usable(engine: Engine, image: str) -> None:
     """Make sure `engine` can run a container of `image`; podman falls back to runc without rlimits."""
-    if engine.run("run", "--rm", image, "true", check=False, timeout=120).returncode == 0:
-        return
-    if engine.name == "podman" and shutil.which("runc"):
+    probe = engine.run("run", "--rm", image, "true", check=False, timeout=120)
+    if probe.returncode != 0 and engine.name == "podman" and shutil.which("runc"):
         conf = Path(tempfile.mkdtemp(prefix="containers-conf-")) / "containers.conf"
         conf.write_text(PODMAN_FALLBACK_CONF)
         engine.env["CONTAINERS_CONF"] = str(conf)
         engine.notes.append("podman: crun or its default rlimits failed here; used runc without default rlimits")
-        if engine.run("run", "--rm", image, "true", check=False, timeout=120).returncode == 0:
-            return
-    failed = engine.run("run", "--rm", image, "true", check=False).stderr[-500:]
-    raise EngineUnavailable(f"{engine.name} cannot run a container here: {failed}")
+        probe = engine.run("run", "--rm", image, "true", check=False, timeout=120)
+    if probe.returncode != 0:
+        raise EngineUnavailable(f"{engine.name} cannot run a container here: {probe.stderr[-500:]}")
 
 
 def minbase(engine: Engine) -> str:

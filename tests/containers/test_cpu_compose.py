@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from tests.containers.engine import REPO, Engine
-from tests.containers.test_cpu_image import QUESTION, READY_TIMEOUT
-from tests.e2e.conftest import wait_for
+from tests.containers.test_cpu_image import QUESTION, wait_ready
 
 pytestmark = pytest.mark.container
 PROJECT = "llm-service-compose-test"
@@ -41,15 +40,8 @@ def stack(engine: Engine, cpu_image: str, facts: dict[str, object]) -> Iterator[
     started = time.monotonic()
     compose(engine, "up", "-d")  # the image exists: nothing is built
 
-    def ready() -> bool:
-        assert "llm-service" in set(engine.run("ps", "--format", "{{.Names}}").stdout.split()), "llm-service exited"
-        try:
-            return httpx.get(f"{URL}/health/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(ready, READY_TIMEOUT, "the compose stack to be ready", interval=2)
+        wait_ready(engine, "llm-service", URL)
         facts["compose up to ready (s)"] = round(time.monotonic() - started, 1)
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,13 @@ def require_tool(name: str, package: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` not found: install the dev extra (`make setup`, package {package})")
     return path
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ComposeLoader(yaml.SafeLoader):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import REPO
+from tests.deploy.conftest import REPO, closed_port
 
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PROBE = REPO / "scripts" / "torch-index.sh"
@@ -100,11 +100,6 @@ def test_an_index_that_answers_is_passed_to_pip(index_server: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["--extra-index-url", index_server]
 
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_an_index_that_refuses_is_left_out_with_a_note() -> None:

@@ -6,7 +6,6 @@ import http.server
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from llm_service.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, SLOTS
-from tests.deploy.conftest import REPO
+from tests.deploy.conftest import REPO, closed_port
 
 SCRIPT = REPO / "scripts" / "model-download.sh"
 WRAPPER = REPO / "model-download.sh"
@@ -36,11 +35,6 @@ def env(tmp_path: Path) -> dict[str, str]:
     base["HF_HOME"] = str(tmp_path / "hf-home")
     return base
 
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeHub:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from llm_service.settings import PRODUCTION_MODELS
 from llm_service.sizing.estimate import GIB
+from tests.deploy.conftest import closed_port
 
 from .hf_cache import add_model
 
@@ -122,11 +122,6 @@ def test_the_24_gib_plan_admits_eight_concurrent_rag_requests_on_standard(tmp_pa
     text = run_plan("--device", "cuda", "--device-memory", "24GiB", cache=tmp_path).stdout
     assert "AT ONCE 1K" in text and "AT ONCE 4K" in text
 
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_without_network_plan_answers_from_the_bundled_configs_and_asks_no_hub(tmp_path: Path) -> None:
