@@ -6,18 +6,12 @@ import dataclasses
 from pathlib import Path
 
 from llm_service.engines.base import ChatConfig, EngineConfig, ImageLimits
-from llm_service.settings import (
-    DEMO_MODEL_DIR,
-    DEMO_MULTIMODAL_DIR,
-    PRODUCTION_MODELS,
-    ChatSettings,
-    ImageSettings,
-    Settings,
-)
+from llm_service.settings import PRODUCTION_MODELS, ChatSettings, ImageSettings, Settings, SlotSettings
+from llm_service.slot_settings import BUILTIN_SLOTS
 
 # vLLM's tool-call parsers for the production models (`vllm serve --tool-call-parser`).
 # Llama 3.1 and Mistral-NeMo carry tool-capable chat templates; gemma-3's template has none, so its
-# slot also needs LLM_CHAT_TEMPLATE_MULTIMODAL (vLLM ships tool_chat_template_gemma3_pythonic.jinja
+# slot also needs a chat_template (LLM_CHAT_TEMPLATE_MULTIMODAL; vLLM ships tool_chat_template_gemma3_pythonic.jinja
 # in its examples) for `auto`; `required` and named calls work without one (structured output).
 PRODUCTION_TOOL_PARSERS: dict[str, str] = {
     PRODUCTION_MODELS["standard"]: "llama3_json",
@@ -43,13 +37,13 @@ def image_limits(images: ImageSettings) -> ImageLimits:
 
 def _is_demo(model_id: str) -> bool:
     path = Path(model_id)
-    return any(path.resolve() == demo.resolve() for demo in (DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR))
+    return any(path.resolve() == slot.demo_model.resolve() for slot in BUILTIN_SLOTS if slot.kind == "generate")
 
 
-def chat_config(chat: ChatSettings, slot: str, model_id: str) -> ChatConfig:
-    """The settings' template and parser, else the defaults for the slot's model (none for an unknown one)."""
-    template = chat.chat_template_for(slot)
-    parser = chat.tool_parser_for(slot)
+def chat_config(chat: ChatSettings, slot: SlotSettings, model_id: str) -> ChatConfig:
+    """The slot's template and parser, else the defaults for the slot's model (none for an unknown one)."""
+    template = slot.chat_template
+    parser = slot.tool_parser
     if _is_demo(model_id):
         template = template or DEMO_TOOL_TEMPLATE
         parser = parser or DEMO_TOOL_PARSER
@@ -69,7 +63,7 @@ def with_frontend(slots: list[tuple[EngineConfig, bool]], settings: Settings) ->
             dataclasses.replace(
                 config,
                 images=_slot_images(config, limits),
-                chat=chat_config(settings.chat, config.slot, config.model_id)
+                chat=chat_config(settings.chat, settings.llm.slot(config.slot), config.model_id)
                 if config.kind == "generate"
                 else ChatConfig(),  # a retrieval slot renders no chat
             ),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,32 +17,36 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SLOTS: tuple[str, ...] = ("standard", "longctx", "multimodal")
-# Retrieval slots: off unless their model is set (LLM_MODEL_EMBEDDING, LLM_MODEL_RERANK); kind = the slot's name.
-RETRIEVAL_SLOTS: tuple[str, ...] = ("embedding", "rerank")
+from llm_service.slot_settings import (
+    BUILTIN_SLOTS,
+    FLAT_FIELDS,
+    SlotConfigError,
+    build_slot_set,
+    builtin_env_vars,
+)
+from llm_service.slot_settings import (
+    DEMO_MODEL_DIR as DEMO_MODEL_DIR,
+)
+from llm_service.slot_settings import (
+    DEMO_MULTIMODAL_DIR as DEMO_MULTIMODAL_DIR,
+)
+from llm_service.slot_settings import (
+    DEMO_RERANK_DIR as DEMO_RERANK_DIR,
+)
+from llm_service.slot_settings import (
+    SlotSettings as SlotSettings,
+)
 
-# Published AWQ (4-bit) builds of the deployment guide's three models.
+# The built-in generation slots (the deployment guide's three); every slot's defaults: slot_settings.BUILTIN_SLOTS.
+SLOTS: tuple[str, ...] = tuple(slot.name for slot in BUILTIN_SLOTS if slot.production_model)
 PRODUCTION_MODELS: dict[str, str] = {
-    "standard": "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
-    "longctx": "casperhansen/mistral-nemo-instruct-2407-awq",
-    "multimodal": "gaunernst/gemma-3-12b-it-int4-awq",
+    slot.name: slot.production_model for slot in BUILTIN_SLOTS if slot.production_model
 }
 # The deployment guide names ids that are not published on the Hub; they still work, as aliases
 # of the builds above (resolved with a log line).
 GUIDE_MODEL_ALIASES: dict[str, str] = {
-    "meta-llama/Llama-3.1-8B-Instruct-AWQ": PRODUCTION_MODELS["standard"],
-    "mistralai/Mistral-NeMo-Instruct-2407-AWQ": PRODUCTION_MODELS["longctx"],
-    "google/gemma-3-12b-it-awq": PRODUCTION_MODELS["multimodal"],
+    slot.guide_model: slot.production_model for slot in BUILTIN_SLOTS if slot.guide_model and slot.production_model
 }
-DEFAULT_MAX_MODEL_LEN: dict[str, int] = {
-    "standard": 8192, "longctx": 32768, "multimodal": 8192, "embedding": 2048, "rerank": 2048,
-}
-# Where `python -m llm_service.demo_model` writes the demo checkpoint (relative to the cwd).
-DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
-# The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
-DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
-# The rerank slot's demo: a cross-encoder made of the demo model (`python -m llm_service.demo_model --rerank`).
-DEMO_RERANK_DIR = Path("models/SmolLM2-135M-Reranker")
 
 
 class SettingsError(ValueError):
@@ -121,15 +125,14 @@ class LLMSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
 
-    model_standard: str | None = Field(None, description="Model id or local path of the standard slot.")
-    model_longctx: str | None = Field(None, description="Model id or local path of the longctx slot.")
-    model_multimodal: str | None = Field(None, description="Model id or local path of the multimodal slot.")
-    model_embedding: str | None = Field(
-        None, description="Model id or local path of the embedding slot (/v1/embeddings); unset: no such slot."
-    )
-    model_rerank: str | None = Field(
+    config_file: Path | None = Field(
         None,
-        description="Model id or local path of the rerank slot (/v1/rerank), a cross-encoder; unset: no such slot.",
+        description="YAML file of the slot set (`slots:` name -> fields); the environment overrides it field by field.",
+    )
+    slots: dict[str, SlotSettings] = Field(
+        default_factory=dict,
+        description="The slot set: built-in defaults < LLM_CONFIG_FILE < LLM_<FIELD>_<SLOT> and "
+        "LLM_SLOTS__<SLOT>__<FIELD> variables.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: what the installed vLLM runs on (cuda for its CUDA build, else cpu)."
@@ -143,41 +146,15 @@ class LLMSettings(BaseSettings):
     )
     load_on_startup: bool = Field(True, description="Load the preload slots before serving.")
     preload_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["standard", "longctx"],
-        description="Comma list of slots loaded at start and never unloaded when idle.",
-    )
-    max_model_len_standard: int | None = Field(None, gt=0, description="Context length of standard.")
-    max_model_len_longctx: int | None = Field(None, gt=0, description="Context length of longctx.")
-    max_model_len_multimodal: int | None = Field(None, gt=0, description="Context length of multimodal.")
-    memory_share_standard: float | None = Field(None, gt=0, le=1, description="Budget share of standard.")
-    memory_share_longctx: float | None = Field(None, gt=0, le=1, description="Budget share of longctx.")
-    memory_share_multimodal: float | None = Field(None, gt=0, le=1, description="Budget share of multimodal.")
-    max_model_len_embedding: int | None = Field(None, gt=0, description="Longest input of embedding, in tokens.")
-    memory_share_embedding: float | None = Field(None, gt=0, le=1, description="Budget share of embedding.")
-    engine_args_embedding: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra vLLM engine arguments for embedding."
+        default_factory=list,
+        description="Comma list of slots loaded at start and never unloaded when idle (replaces every slot's "
+        "`preload`; unset: the slots marked preload, by default standard and longctx).",
     )
     embedding_max_inputs: int = Field(
         2048, ge=1, description="Most inputs one /v1/embeddings request may carry (400 past it)."
     )
-    max_model_len_rerank: int | None = Field(
-        None, gt=0, description="Longest (query, document) pair of rerank, in tokens."
-    )
-    memory_share_rerank: float | None = Field(None, gt=0, le=1, description="Budget share of rerank.")
-    engine_args_rerank: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra vLLM engine arguments for rerank."
-    )
     rerank_max_documents: int = Field(
         1000, ge=1, description="Most documents one /v1/rerank request may carry (400 past it)."
-    )
-    engine_args_standard: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra vLLM engine arguments for standard."
-    )
-    engine_args_longctx: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra vLLM engine arguments for longctx."
-    )
-    engine_args_multimodal: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra vLLM engine arguments for multimodal."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine is split across.")
     min_model_len: int = Field(
@@ -188,7 +165,7 @@ class LLMSettings(BaseSettings):
     )
     multimodal_images: bool = Field(
         True,
-        description="Accept images on the multimodal slot; false starts its engine text-only "
+        description="Accept images on slots whose model takes them; false starts their engines text-only "
         "(no vision tower loaded or profiled).",
     )
     enforce_eager: bool | None = Field(
@@ -322,55 +299,40 @@ class LLMSettings(BaseSettings):
             raise ValueError(f"must be at least LLM_LOAD_RETRY_SECONDS ({first})")
         return value
 
-    @field_validator("preload_models", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _split_slots(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("preload_models")
-    @classmethod
-    def _known_slots(cls, value: list[str]) -> list[str]:
-        unknown = [slot for slot in value if slot not in SLOTS + RETRIEVAL_SLOTS]
-        if unknown:
-            raise ValueError(f"unknown slot(s) {unknown}; slots are {list(SLOTS + RETRIEVAL_SLOTS)}")
-        return list(dict.fromkeys(value))
-
-    @field_validator(
-        "engine_args_standard",
-        "engine_args_longctx",
-        "engine_args_multimodal",
-        "engine_args_embedding",
-        "engine_args_rerank",
-        mode="before",
-    )
-    @classmethod
-    def _json_object(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ValueError(f"not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-        return value
+    def _slot_set(cls, data: Any) -> Any:
+        """Build `slots` from the defaults, the file, the environment and flat keyword arguments."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        overrides: dict[str, dict[str, Any]] = {
+            name: dict(fields) for name, fields in (data.pop("slots", None) or {}).items()
+        }
+        for key in [k for k in data if k not in cls.model_fields]:
+            field = next((f for f in FLAT_FIELDS if key.startswith(f"{f}_")), None)
+            if field is not None:
+                overrides.setdefault(key[len(field) + 1:], {})[field] = data.pop(key)
+        preload = data.get("preload_models")
+        if isinstance(preload, str):
+            preload = [part.strip() for part in preload.split(",") if part.strip()]
+        config_file = data.get("config_file")
+        slots = build_slot_set(
+            Path(config_file) if config_file else None,
+            os.environ,
+            overrides,
+            list(dict.fromkeys(preload)) if preload is not None else None,
+        )
+        data["slots"] = slots
+        data["preload_models"] = [name for name, slot in slots.items() if slot.preload]
+        return data
 
     def enabled_slots(self) -> tuple[str, ...]:
-        """The generation slots, then every retrieval slot whose model is set."""
-        return SLOTS + tuple(slot for slot in RETRIEVAL_SLOTS if self.model_for(slot))
+        """Every configured slot's name, built-in ones first."""
+        return tuple(self.slots)
 
-    def model_for(self, slot: str) -> str | None:
-        return getattr(self, f"model_{slot}")
-
-    def max_model_len_for(self, slot: str) -> int | None:
-        return getattr(self, f"max_model_len_{slot}")
-
-    def memory_share_for(self, slot: str) -> float | None:
-        return getattr(self, f"memory_share_{slot}")
-
-    def engine_args_for(self, slot: str) -> dict[str, Any]:
-        return dict(getattr(self, f"engine_args_{slot}"))
+    def slot(self, name: str) -> SlotSettings:
+        return self.slots[name]
 
 
 class RedisSettings(BaseSettings):
@@ -506,48 +468,15 @@ class ImageSettings(BaseSettings):
 
 
 class ChatSettings(BaseSettings):
-    """Per-slot chat template and tool-call parser (LLM_CHAT_TEMPLATE_<SLOT>, LLM_TOOL_PARSER_<SLOT>),
-    as `vllm serve --chat-template` and `--tool-call-parser`."""
+    """Tool calling of every slot (each slot's template and parser are fields of its SlotSettings)."""
 
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
 
-    chat_template_standard: Path | None = Field(
-        None, description="Jinja chat template file for standard; unset: the model's own (the demo: a tool template)."
-    )
-    chat_template_longctx: Path | None = Field(None, description="Jinja chat template file for longctx.")
-    chat_template_multimodal: Path | None = Field(None, description="Jinja chat template file for multimodal.")
-    tool_parser_standard: str | None = Field(
-        None, description="vLLM tool-call parser of standard; unset: the one for the slot's model; none: no tools."
-    )
-    tool_parser_longctx: str | None = Field(None, description="vLLM tool-call parser of longctx (as standard's).")
-    tool_parser_multimodal: str | None = Field(
-        None, description="vLLM tool-call parser of multimodal (as standard's)."
-    )
     tool_strict_level: Literal["auto", "function", "parameter"] = Field(
         "parameter",
         description="vLLM's --tool-strict-level for every slot: parameter makes each call's arguments follow its "
         "tool's JSON schema; auto only for tools marked strict.",
     )
-
-    @field_validator("chat_template_standard", "chat_template_longctx", "chat_template_multimodal")
-    @classmethod
-    def _template_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
-
-    @field_validator("tool_parser_standard", "tool_parser_longctx", "tool_parser_multimodal")
-    @classmethod
-    def _parser_name(cls, value: str | None) -> str | None:
-        if value is not None and not value.replace("_", "").isalnum():
-            raise ValueError(f"not a tool parser name: {value!r} (e.g. llama3_json, mistral, hermes, none)")
-        return value
-
-    def chat_template_for(self, slot: str) -> Path | None:
-        return getattr(self, f"chat_template_{slot}")
-
-    def tool_parser_for(self, slot: str) -> str | None:
-        return getattr(self, f"tool_parser_{slot}")
 
 
 class Settings(BaseModel):
@@ -577,8 +506,9 @@ def env_name(section: type[BaseSettings], field: str) -> str:
 
 
 def known_env_vars() -> set[str]:
-    """Every environment variable the settings read."""
-    return {env_name(cls, name) for cls in _SECTIONS.values() for name in cls.model_fields}
+    """Every environment variable the settings read (the nested LLM_SLOTS__<SLOT>__<FIELD> form aside)."""
+    fields = {env_name(cls, name) for cls in _SECTIONS.values() for name in cls.model_fields}
+    return (fields - {"LLM_SLOTS"}) | builtin_env_vars()
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -590,8 +520,13 @@ def load_settings(**overrides: Any) -> Settings:
             sections[key] = overrides.get(key) or cls()
         except ValidationError as exc:
             for error in exc.errors():
+                if isinstance(error.get("ctx", {}).get("error"), SlotConfigError):
+                    problems.append(str(error["ctx"]["error"]))
+                    continue
                 field = str(error["loc"][0]) if error["loc"] else ""
                 problems.append(f"{env_name(cls, field)}: {error['msg']} (got {error.get('input')!r})")
+    if len(problems) == 1:
+        raise SettingsError(f"invalid settings: {problems[0]}")
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
     return Settings(**sections)

@@ -7,17 +7,8 @@ from typing import Any
 
 import structlog
 
-from llm_service.engines.base import EngineConfig
-from llm_service.settings import (
-    DEFAULT_MAX_MODEL_LEN,
-    DEMO_MODEL_DIR,
-    DEMO_MULTIMODAL_DIR,
-    GUIDE_MODEL_ALIASES,
-    PRODUCTION_MODELS,
-    RETRIEVAL_SLOTS,
-    LLMSettings,
-    SettingsError,
-)
+from llm_service.engines.base import AdapterConfig, EngineConfig
+from llm_service.settings import GUIDE_MODEL_ALIASES, LLMSettings, SettingsError, SlotSettings
 from llm_service.sizing.estimate import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -27,38 +18,31 @@ from llm_service.sizing.estimate import (
 from llm_service.sizing.load_time import load_time
 from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, model_metadata
 from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
+from llm_service.slot_settings import BUILTIN, DEMO_MODEL_DIR
 
 log = structlog.get_logger(__name__)
-
-
-def slot_kind(slot: str) -> str:
-    """What a slot serves: "generate" for the generation slots, else its own name ("embedding", "rerank")."""
-    return slot if slot in RETRIEVAL_SLOTS else "generate"
+# Context length of a slot that is not built in and sets none (capped at the model's own limit).
+DEFAULT_MAX_MODEL_LEN = 8192
 
 
 def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
-    """The configured model; unset means the production default on a GPU, the demo model on CPU.
+    """The configured model; unset (a built-in slot) means its production build on a GPU, its demo on CPU.
 
     The deployment guide's ids resolve to the published builds they stand for.
     """
-    configured = llm.model_for(slot)
+    configured = llm.slot(slot).model
     if configured:
         resolved = GUIDE_MODEL_ALIASES.get(configured, configured)
         if resolved != configured:
             log.info("model_alias_resolved", slot=slot, alias=configured, model_id=resolved)
         return resolved
-    if device == "cuda":
-        return PRODUCTION_MODELS[slot]
-    multimodal_demo = DEMO_MULTIMODAL_DIR.resolve()
-    if slot == "multimodal":
-        if (multimodal_demo / "config.json").exists():
-            return str(multimodal_demo)
-        log.warning(
-            "multimodal_demo_missing",
-            path=str(multimodal_demo),
-            hint="python -m llm_service.demo_model --multimodal; until then the slot takes no images",
-        )
-    demo = DEMO_MODEL_DIR.resolve()
+    builtin = BUILTIN[slot]
+    if device == "cuda" and builtin.production_model:
+        return builtin.production_model
+    demo = builtin.demo_model.resolve()
+    if demo != DEMO_MODEL_DIR.resolve() and not (demo / "config.json").exists():
+        log.warning("demo_model_missing", slot=slot, path=str(demo), hint="make setup; the text demo serves meanwhile")
+        demo = DEMO_MODEL_DIR.resolve()
     if not (demo / "config.json").exists():
         raise SettingsError(
             f"LLM_MODEL_{slot.upper()} is not set and there is no GPU, so the demo model is used, "
@@ -79,7 +63,8 @@ class SlotInputs:
 
 def _default_length(llm: LLMSettings, slot: str, meta: ModelMetadata) -> int:
     """The slot default, capped at the model's own limit."""
-    default = DEFAULT_MAX_MODEL_LEN[slot]
+    builtin = BUILTIN.get(slot)
+    default = builtin.max_model_len if builtin else DEFAULT_MAX_MODEL_LEN
     shape = model_shape(meta.config) if meta.config else None
     limit = shape.max_position_embeddings if shape else None
     return limit if limit is not None and limit < default else default
@@ -91,10 +76,11 @@ def slot_inputs(llm: LLMSettings, device: str, *, hub: bool | None = None) -> li
     inputs = []
     for slot in llm.enabled_slots():
         model_id = model_for_slot(llm, slot, device)
-        extra = llm.engine_args_for(slot)
+        settings = llm.slot(slot)
+        extra = dict(settings.engine_args)
         revision = extra.pop("revision", None)
-        configured_len = llm.max_model_len_for(slot) or extra.get("max_model_len")
-        share = llm.memory_share_for(slot)
+        configured_len = settings.max_model_len or extra.get("max_model_len")
+        share = settings.memory_share
         needs_metadata = share is None or configured_len is None or device == "cuda"
         meta = model_metadata(model_id, revision, hub=hub) if needs_metadata else ModelMetadata(model_id, None, "none")
         request = SlotRequest(
@@ -102,18 +88,25 @@ def slot_inputs(llm: LLMSettings, device: str, *, hub: bool | None = None) -> li
             model_id=model_id,
             shape=model_shape(meta.config) if meta.config else None,
             max_model_len=int(configured_len or _default_length(llm, slot, meta)),
-            preload=slot in llm.preload_models,
+            preload=settings.preload,
             length_fixed=configured_len is not None,
             share=share,
             min_model_len=llm.min_model_len,
-            vision=slot != "multimodal" or llm.multimodal_images,
+            vision=llm.multimodal_images,
             kv_dtype_bytes=kv_dtype_bytes(extra),
             max_num_batched_tokens=int(extra.get("max_num_batched_tokens") or DEFAULT_MAX_NUM_BATCHED_TOKENS),
             max_num_seqs=int(extra.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS),
             enforce_eager=enforce_eager,
+            lora_bytes=_lora_bytes(settings, meta),
         )
         inputs.append(SlotInputs(request, meta, extra, revision))
     return inputs
+
+
+def _lora_bytes(settings: SlotSettings, meta: ModelMetadata) -> int:
+    """The adapter memory of a slot with adapters (0 without, or when the model's shape is unknown)."""
+    shape = model_shape(meta.config) if meta.config and settings.adapters else None
+    return shape.lora_bytes(settings.max_loras, settings.max_lora_rank) if shape else 0
 
 
 def sizing_plan_with_sources(
@@ -174,12 +167,26 @@ def build_slot_configs(
             revision=slot_inputs_.revision,
             extra_args=_engine_args(slot_inputs_, slot_plan, device),
             unloadable=slot_plan.unloadable,
-            aliases=tuple(alias for alias, target in GUIDE_MODEL_ALIASES.items() if target == slot_plan.model_id),
-            kind=slot_kind(slot_plan.slot),
+            aliases=(
+                *llm.slot(slot_plan.slot).aliases,
+                *(alias for alias, target in GUIDE_MODEL_ALIASES.items() if target == slot_plan.model_id),
+            ),
+            kind=llm.slot(slot_plan.slot).kind,
+            **_lora_fields(llm.slot(slot_plan.slot)),
             expected_load_seconds=_expected_load_seconds(slot_inputs_, slot_plan, device),
         )
         configs.append((config, slot_plan.preload))
     return configs
+
+
+def _lora_fields(settings: SlotSettings) -> dict[str, Any]:
+    """EngineConfig's LoRA fields: LoRA on when the slot lists adapters."""
+    return {
+        "lora": bool(settings.adapters),
+        "adapters": tuple(AdapterConfig(a.name, a.path) for a in settings.adapters),
+        "max_loras": settings.max_loras,
+        "max_lora_rank": settings.max_lora_rank,
+    }
 
 
 def _log_plan(plan: SlotPlan, meta: ModelMetadata) -> None:

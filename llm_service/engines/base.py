@@ -29,6 +29,14 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """A LoRA adapter of a generate slot: the model name clients use, and its PEFT folder or Hub id."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to start one engine for one slot."""
 
@@ -52,6 +60,11 @@ class EngineConfig:
     kind: str = "generate"
     # What the sizing plan expects a start of this engine to take (an estimate; None: unknown).
     expected_load_seconds: float | None = None
+    # LoRA: on when the slot lists adapters (vLLM's enable_lora); adapters are served by name.
+    lora: bool = False
+    adapters: tuple[AdapterConfig, ...] = ()
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class GenerationRequest:
     request_id: str
     prompt: RenderedPrompt
     sampling: SamplingOptions
+    adapter: str | None = None  # a LoRA adapter of the slot, by name; None: the base model
 
 
 @dataclass(frozen=True)
@@ -250,6 +264,12 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request; a no-op if it is not running."""
+
+    async def add_adapter(self, adapter: AdapterConfig) -> None:
+        """Load a LoRA adapter into the started engine. Raises ValueError if it cannot be loaded."""
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter; a no-op for an unknown name."""
 
     def capacity(self) -> EngineCapacity:
         """What the loaded engine batches (read-only; valid after start)."""

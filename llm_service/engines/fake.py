@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from llm_service.engines.base import (
+    AdapterConfig,
     EngineCapacity,
     EngineConfig,
     EngineDead,
@@ -58,6 +59,7 @@ class FakeEngine:
         self.start_gate = start_gate  # when set, start() also waits for it (tests hold a load open)
         self.started = False
         self.dead = False
+        self.adapters = {adapter.name for adapter in config.adapters}
         self.shutdowns = 0
         self.generations = 0
         self.aborted: list[str] = []
@@ -147,7 +149,11 @@ class FakeEngine:
             async for delta in self._tool_call(request, tool):
                 yield delta
             return
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise ValueError(f"no adapter {request.adapter!r}")
         text = self.answer(request.prompt.text)
+        if request.adapter is not None:
+            text = f"[{request.adapter}] {text}"  # an adapter changes the answer, as a real one does
         if sampling.json_schema is not None:
             text = json.dumps({"answer": text})
         words = text.split(" ")
@@ -239,6 +245,14 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    async def add_adapter(self, adapter: AdapterConfig) -> None:
+        if not self.config.lora:
+            raise ValueError("this slot was started without LoRA")
+        self.adapters.add(adapter.name)
+
+    async def remove_adapter(self, name: str) -> None:
+        self.adapters.discard(name)
 
     def capacity(self) -> EngineCapacity:
         return EngineCapacity(self.max_num_seqs, self.kv_cache_tokens, self.config.max_model_len)

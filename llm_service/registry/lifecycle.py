@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
 
-from llm_service.engines.base import Engine, EngineConfig, EngineDead
-from llm_service.errors import ModelNotFound, ModelUnavailable
+from llm_service.engines.base import AdapterConfig, Engine, EngineConfig, EngineDead
+from llm_service.errors import InvalidRequest, ModelNotFound, ModelUnavailable
 from llm_service.metrics import Metrics
 from llm_service.registry.memory import DeviceMemory, held_share
 from llm_service.registry.reconciler import EngineFactory, Reconciler
@@ -80,7 +81,54 @@ class ModelRegistry:
         for slot in self._slots.values():
             if name_or_model_id == slot.config.model_id or name_or_model_id in slot.config.aliases:
                 return slot
-        return self.slot(name_or_model_id)
+        return self.find_model(name_or_model_id)[0]
+
+    def find_model(self, model: str) -> tuple[Slot, str | None]:
+        """The slot a model name selects (its name, model id or an alias) and the adapter it names, if one."""
+        for slot in self._slots.values():
+            if any(adapter.name == model for adapter in slot.config.adapters):
+                return slot, model
+        if model in self._slots:
+            return self._slots[model], None
+        for slot in self._slots.values():
+            if model == slot.config.model_id or model in slot.config.aliases:
+                return slot, None
+        return self.slot(model), None
+
+    async def add_adapter(self, name: str, adapter: AdapterConfig) -> None:
+        """Serve a LoRA adapter on a generate slot from now on (loaded into its engine at once when the
+        engine runs, else with its next load); InvalidRequest if it cannot be."""
+        slot = self.slot(name)
+        if not slot.config.lora:
+            raise InvalidRequest(
+                f"model {name!r} was started without LoRA: list an adapter in its config to enable it", param="name"
+            )
+        if self._taken(adapter.name):
+            raise InvalidRequest(f"the model name {adapter.name!r} is taken", param="name")
+        if slot.state is SlotState.LOADED and slot.engine is not None:
+            try:
+                await slot.engine.add_adapter(adapter)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="path") from None
+        # The engine's config is its start configuration: a reload starts with the adapter too.
+        slot.config = dataclasses.replace(slot.config, adapters=(*slot.config.adapters, adapter))
+
+    async def remove_adapter(self, name: str, adapter: str) -> None:
+        slot = self.slot(name)
+        if not any(a.name == adapter for a in slot.config.adapters):
+            raise ModelNotFound(f"model {name!r} has no adapter {adapter!r}", param="adapter")
+        slot.config = dataclasses.replace(
+            slot.config, adapters=tuple(a for a in slot.config.adapters if a.name != adapter)
+        )
+        if slot.engine is not None:
+            await slot.engine.remove_adapter(adapter)
+
+    def _taken(self, model: str) -> bool:
+        return any(
+            model == s.name or model == s.config.model_id or model in s.config.aliases
+            or any(a.name == model for a in s.config.adapters)
+            for s in self._slots.values()
+        )
 
     def used_share(self) -> float:
         return held_share(self._slots.values())

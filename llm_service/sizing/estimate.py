@@ -113,6 +113,12 @@ class ModelShape:
     quantization: Quantization
     max_position_embeddings: int | None
 
+    def lora_bytes(self, max_loras: int, max_rank: int, dtype_bytes: int = 2) -> int:
+        """vLLM's LoRA buffers: A (rank x in) and B (out x rank) per adapter slot for every linear layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        in_plus_out = (self.hidden + q) * 2 + (self.hidden + kv) * 2 + (self.hidden + self.intermediate) * 3
+        return self.layers * in_plus_out * max_rank * max_loras * dtype_bytes
+
     @property
     def linear_params(self) -> int:
         """Parameters of the decoder's linear layers (the ones quantization applies to)."""

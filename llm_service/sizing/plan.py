@@ -87,6 +87,7 @@ class SlotRequest:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     enforce_eager: bool = False
+    lora_bytes: int = 0  # LoRA buffers vLLM allocates (max_loras x max_lora_rank over every layer)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _fixed_bytes(request: SlotRequest, device: Device) -> int | None:
         overhead = CUDA_BASE_OVERHEAD + shape.activation_bytes(tp, request.max_num_batched_tokens, request.max_num_seqs)
         overhead += 0 if request.enforce_eager else CUDA_GRAPHS
         overhead += VISION_PROFILE if request.vision and shape.vision_params else 0
-    return math.ceil((weights + overhead) * MARGIN)
+    return math.ceil((weights + overhead + request.lora_bytes) * MARGIN)
 
 
 def _kv_per_request(request: SlotRequest, device: Device, length: int) -> int:

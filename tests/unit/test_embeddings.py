@@ -169,5 +169,5 @@ def test_embedding_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LLM_ENGINE_ARGS_EMBEDDING", '{"kv_cache_memory_bytes": 536870912}')
     monkeypatch.setenv("LLM_PRELOAD_MODELS", "standard,embedding")
     llm = LLMSettings()
-    assert llm.engine_args_for("embedding") == {"kv_cache_memory_bytes": 536870912}
+    assert llm.slot("embedding").engine_args == {"kv_cache_memory_bytes": 536870912}
     assert llm.preload_models == ["standard", "embedding"] and "embedding" in llm.enabled_slots()

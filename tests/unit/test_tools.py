@@ -162,7 +162,7 @@ def test_entries_round_trip_tool_calls() -> None:
     ],
 )
 def test_tool_parser_and_template_defaults_fit_the_models(slot: str, model: str, expected: ChatConfig) -> None:
-    assert chat_config(ChatSettings(), slot, model) == expected
+    assert chat_config(ChatSettings(), LLMSettings().slot(slot), model) == expected
 
 
 def test_settings_override_and_turn_off_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -171,9 +171,9 @@ def test_settings_override_and_turn_off_tools(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("LLM_TOOL_PARSER_STANDARD", "none")
     monkeypatch.setenv("LLM_TOOL_PARSER_LONGCTX", "hermes")
     monkeypatch.setenv("LLM_CHAT_TEMPLATE_LONGCTX", str(template))
-    chat = ChatSettings()
-    assert chat_config(chat, "standard", PRODUCTION_MODELS["standard"]) == ChatConfig(None, None)
-    assert chat_config(chat, "longctx", "x/y") == ChatConfig(str(template), "hermes")
+    chat, llm = ChatSettings(), LLMSettings()
+    assert chat_config(chat, llm.slot("standard"), PRODUCTION_MODELS["standard"]) == ChatConfig(None, None)
+    assert chat_config(chat, llm.slot("longctx"), "x/y") == ChatConfig(str(template), "hermes")
     monkeypatch.setenv("LLM_CHAT_TEMPLATE_LONGCTX", str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match="no such file"):
-        ChatSettings()
+        LLMSettings()

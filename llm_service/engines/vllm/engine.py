@@ -23,6 +23,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from llm_service.engines.base import (
+    AdapterConfig,
     EngineCapacity,
     EngineConfig,
     EngineDead,
@@ -45,6 +46,7 @@ from llm_service.engines.vllm.device import (
     process_memory_bytes,
     used_memory_bytes,
 )
+from llm_service.engines.vllm.lora import Adapters, lora_engine_args
 from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
@@ -87,6 +89,7 @@ class VLLMEngine:
         self._closed = False
         self._on_dead: Callable[[EngineDead], None] | None = None
         self._footprint: int | None = None
+        self._adapters = Adapters(config)
 
     def engine_args(self) -> AsyncEngineArgs:
         """The vLLM engine arguments this engine starts with."""
@@ -110,6 +113,7 @@ class VLLMEngine:
             **media_engine_args(cfg),
             **pooling_engine_args(cfg),
             **cpu_dtype_args(cfg),
+            **lora_engine_args(cfg),
         }
         args.update(cfg.extra_args)
         return AsyncEngineArgs(**args)
@@ -229,7 +233,11 @@ class VLLMEngine:
         completion_tokens = [0] * request.sampling.n
         want_logprobs = request.sampling.logprobs is not None
         readers: dict[int, ToolCallReader] = {}
-        stream = llm.generate(prompt.engine_input, params, request.request_id)
+        try:
+            lora_request = self._adapters.request(request.adapter)
+        except KeyError:
+            raise ValueError(f"no adapter {request.adapter!r} on slot {self.config.slot!r}") from None
+        stream = llm.generate(prompt.engine_input, params, request.request_id, lora_request=lora_request)
         try:
             async for output in stream:
                 prompt_tokens = len(output.prompt_token_ids or ())
@@ -266,6 +274,13 @@ class VLLMEngine:
         finally:
             # Throws GeneratorExit into vLLM's generator, which aborts the request there.
             await stream.aclose()
+
+    async def add_adapter(self, adapter: AdapterConfig) -> None:
+        """Load a LoRA adapter into the running engine; ValueError if vLLM cannot."""
+        await self._adapters.add(self._engine(), adapter)
+
+    async def remove_adapter(self, name: str) -> None:
+        await self._adapters.remove(self._engine(), name)
 
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
         """The model's token ids of each text (special tokens as the model adds them)."""
