@@ -62,6 +62,7 @@ class GenerationSpec:
     parallel_tool_calls: bool | None = None
     record: RequestRecord = field(default_factory=RequestRecord)  # the HTTP request's, for its count
     deadline: float | None = None  # event-loop time the request must end by (None: no deadline)
+    adapter: str | None = None  # the LoRA adapter `slot` names (set when the model name is resolved)
 
     def prompt_input(self) -> PromptInput:
         """What the engine renders."""
@@ -302,7 +303,8 @@ class GenerationService:
         Raises ServiceError subclasses: ModelNotFound, ModelUnavailable, InvalidRequest,
         Overloaded, DeadlineExceeded, EngineFailure.
         """
-        slot = self.registry.find(spec.slot)
+        slot, adapter = self.registry.find_model(spec.slot)
+        spec = dataclasses.replace(spec, adapter=adapter)
         spec.record.slot = slot.name
         # The deadline covers everything up to the first delta, waiting for a load included.
         async with before_deadline(spec.deadline, self.metrics, slot.name):
@@ -333,7 +335,10 @@ class GenerationService:
             model_id=slot.config.model_id,
             input=_trace_input(spec, images),
             sampling=spec.sampling,
+            adapter=spec.adapter,
         )
+        if spec.adapter is not None:
+            self.metrics.adapter_requests.labels(model=slot.name, adapter=spec.adapter).inc()
         result.trace_id = trace.trace_id
         stream = GenerationStream(self, result, trace, spec.record, deadline=spec.deadline)
         # The key needs only the request and the slot's configuration: a hit loads no model.
@@ -394,7 +399,7 @@ class GenerationService:
             admission.start(work, engine.capacity(), spec.deadline)
         # The client's request id may repeat (X-Request-ID); the engine's must be unique.
         engine_request_id = f"{spec.request_id}-{secrets.token_hex(4)}"
-        await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling))
+        await stream.start(engine, GenerationRequest(engine_request_id, rendered, sampling, adapter=spec.adapter))
 
     async def _opened(self, stream: GenerationStream, opening: Awaitable[None]) -> GenerationStream:
         """Await `opening`; on failure close the stream (releasing the slot) and raise a ServiceError."""
@@ -483,6 +488,8 @@ def _key_extra(
         extra["images"] = images.summaries()
     if spec.tools:
         extra["tools"] = {"tools": spec.tools, "choice": spec.tool_choice, "parallel": spec.parallel_tool_calls}
+    if spec.adapter is not None:
+        extra["adapter"] = spec.adapter  # another adapter, or the base model, answers differently
     return {**extra, **(slot_material or {})} or None
 
 

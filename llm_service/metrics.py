@@ -26,6 +26,12 @@ class Metrics:
             ["model", "status", "code"],
             registry=r,
         )
+        self.adapter_requests = Counter(
+            "llm_adapter_requests",
+            "Generation requests on a LoRA adapter, by slot (model) and adapter name.",
+            ["model", "adapter"],
+            registry=r,
+        )
         self.tokens_generated = Counter(
             "llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r
         )

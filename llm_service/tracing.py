@@ -62,7 +62,10 @@ class Tracer(Protocol):
         model_id: str,
         input: Any,
         sampling: SamplingOptions,
-    ) -> Trace: ...
+        adapter: str | None = None,
+    ) -> Trace:
+        """A generation's trace; `adapter` (a LoRA adapter's name) goes into its metadata."""
+        ...
 
     def start_retrieval(
         self, *, request_id: str, slot: str, model_id: str, operation: str, input: Any, parameters: dict[str, Any]
@@ -271,10 +274,19 @@ class LangfuseTracer:
         )
 
     def start(
-        self, *, request_id: str, slot: str, model_id: str, input: Any, sampling: SamplingOptions
+        self,
+        *,
+        request_id: str,
+        slot: str,
+        model_id: str,
+        input: Any,
+        sampling: SamplingOptions,
+        adapter: str | None = None,
     ) -> Trace:
         parameters = model_parameters(sampling)
-        return self._observe(OBSERVATION_NAME, "generation", request_id, slot, model_id, input, parameters)
+        return self._observe(
+            OBSERVATION_NAME, "generation", request_id, slot, model_id, input, parameters, adapter=adapter
+        )
 
     def start_retrieval(
         self, *, request_id: str, slot: str, model_id: str, operation: str, input: Any, parameters: dict[str, Any]
@@ -292,9 +304,10 @@ class LangfuseTracer:
         model_id: str,
         input: Any,
         parameters: dict[str, Any],
+        adapter: str | None = None,
     ) -> Trace:
         try:
-            ids = {"request_id": request_id, "slot": slot}
+            ids = {"request_id": request_id, "slot": slot, **({"adapter": adapter} if adapter else {})}
             with propagate_attributes(trace_name=TRACE_NAME, metadata=ids):
                 observation = self._client.start_observation(
                     name=name,

@@ -1,4 +1,4 @@
-"""/admin: load and unload slots, purge the cache by hand (for operators; needs APP_ADMIN_TOKEN)."""
+"""/admin: load and unload slots, add and remove LoRA adapters, purge the cache (operators; APP_ADMIN_TOKEN)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
+from pydantic import BaseModel, ConfigDict, Field
 
 from llm_service.api.deps import RegistryDep, ResourcesDep, SettingsDep
 from llm_service.api.responses import ErrorEnvelope, error_responses
+from llm_service.engines.base import AdapterConfig
 from llm_service.errors import CacheUnavailable, Forbidden, ModelNotFound, Unauthorized
+from llm_service.slot_settings import ADAPTER_NAME
 
 router = APIRouter(
     prefix="/admin",
@@ -46,6 +49,27 @@ async def load_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
 async def unload_slot(slot: str, registry: RegistryDep) -> dict[str, Any]:
     unloaded = await registry.unload(slot)
     return {"model": slot, "unloaded": unloaded, **registry.snapshot()[slot]}
+
+
+class AdapterBody(BaseModel):
+    """A LoRA adapter to serve on a slot from now on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME.pattern, description="Model name clients will ask for.")
+    path: str = Field(min_length=1, description="Local folder or Hugging Face id of a PEFT LoRA adapter.")
+
+
+@router.post("/models/{slot}/adapters", dependencies=[AdminDep], summary="Add a LoRA adapter to a slot")
+async def add_adapter(slot: str, body: AdapterBody, registry: RegistryDep) -> dict[str, Any]:
+    await registry.add_adapter(slot, AdapterConfig(body.name, body.path))
+    return {"model": slot, "adapters": [a.name for a in registry.slot(slot).config.adapters]}
+
+
+@router.delete("/models/{slot}/adapters/{adapter}", dependencies=[AdminDep], summary="Remove a LoRA adapter")
+async def remove_adapter(slot: str, adapter: str, registry: RegistryDep) -> dict[str, Any]:
+    await registry.remove_adapter(slot, adapter)
+    return {"model": slot, "adapters": [a.name for a in registry.slot(slot).config.adapters]}
 
 
 @router.post(

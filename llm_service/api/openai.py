@@ -49,10 +49,12 @@ _MIN_LOGPROB = -9999.0
 
 
 # --- models --------------------------------------------------------------------------------
-def _card(slot: Slot, started_at: float) -> ModelCard:
+def _card(slot: Slot, started_at: float, adapter: str | None = None) -> ModelCard:
+    """A slot's card, or the card of one of its LoRA adapters (`parent`: the slot's model id)."""
     config = slot.config
     return ModelCard(
-        id=slot.name,
+        id=adapter or slot.name,
+        parent=config.model_id if adapter else None,
         created=int(slot.loaded_at or started_at),
         owned_by="llm-service",
         model_id=config.model_id,
@@ -66,12 +68,18 @@ def _card(slot: Slot, started_at: float) -> ModelCard:
             summary="List the slots as OpenAI models")
 async def list_models(registry: RegistryDep, resources: ResourcesDep) -> ModelList:
     slots = [registry.slot(name) for name in registry.slot_names]
-    return ModelList(data=[_card(slot, resources.started_at) for slot in slots])
+    cards = [
+        _card(slot, resources.started_at, adapter)
+        for slot in slots
+        for adapter in [None, *(a.name for a in slot.config.adapters)]
+    ]
+    return ModelList(data=cards)
 
 
 @router.get("/models/{model:path}", response_model=ModelCard, responses=_ERRORS, summary="One slot")
 async def retrieve_model(model: str, registry: RegistryDep, resources: ResourcesDep) -> ModelCard:
-    return _card(registry.find(model), resources.started_at)
+    slot, adapter = registry.find_model(model)
+    return _card(slot, resources.started_at, adapter)
 
 
 # --- requests to specs ---------------------------------------------------------------------

@@ -180,6 +180,9 @@ class ModelCard(BaseModel):
     kind: str = Field(
         "generate", description="generate (chat, completions), embedding (/v1/embeddings) or rerank (/v1/rerank)."
     )
+    parent: str | None = Field(
+        None, description="A LoRA adapter's card: the model id of the slot it runs on (as `vllm serve`); else null."
+    )
 
 
 class ModelList(BaseModel):
