@@ -15,10 +15,12 @@ DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 # The rerank slot's demo: the demo model with a random one-label score head (~10 s).
 DEMO_RERANK := models/SmolLM2-135M-Reranker/config.json
+# A random-weight LoRA adapter for the demo model (deploy/slots.example.yaml serves it; ~2 s).
+DEMO_ADAPTER := models/SmolLM2-135M-LoRA-demo/adapter_config.json
 
 .PHONY: setup serve test test-unit test-containers container-tools lint redis clean bench bench-tools
 
-setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_RERANK)
+setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_RERANK) $(DEMO_ADAPTER)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +51,9 @@ $(DEMO_MULTIMODAL): | $(DEMO_MODEL)
 
 $(DEMO_RERANK): | $(DEMO_MODEL)
 	$(BIN)/python -m llm_service.demo_model --rerank
+
+$(DEMO_ADAPTER): | $(DEMO_MODEL)
+	$(BIN)/python -m llm_service.demo_adapter
 
 # With the cache on, runs a local redis-server for as long as the service runs, unless one answers
 # (or REDIS_HOST is remote): scripts/serve.sh.

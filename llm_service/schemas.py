@@ -133,7 +133,9 @@ class GenerateRequest(SamplingFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("standard", description="Slot name (standard, longctx, multimodal) or its model id.")
+    model: str = Field(
+        "standard", description="Slot name, its model id or an alias, or the name of one of its LoRA adapters."
+    )
     prompt: str | None = Field(
         None, min_length=1, description="Raw prompt text, sent to the model as is (give prompt or messages)."
     )

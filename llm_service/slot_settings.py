@@ -275,3 +275,27 @@ def _check_unique_names(slots: Mapping[str, SlotSettings]) -> None:
                     f"slot {name!r}: duplicate name {model_name!r} (also slot {seen[model_name]!r})"
                 )
             seen[model_name] = name
+
+
+def main() -> int:
+    """python -m llm_service.slot_settings: each configured slot and the model a GPU deployment fetches
+    for it, one `slot<TAB>model` line each (scripts/model-download.sh reads them); errors as one line."""
+    import os
+    import sys
+
+    file = os.environ.get("LLM_CONFIG_FILE")
+    preload = None  # preload does not change what is downloaded
+    try:
+        slots = build_slot_set(Path(file) if file else None, os.environ, preload=preload)
+    except SlotConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    for name, slot in slots.items():
+        builtin = BUILTIN.get(name)
+        model = slot.model or (builtin.production_model if builtin else None)
+        sys.stdout.write(f"{name}\t{model}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,8 +4,9 @@
 #
 # Usage: model-download.sh [--slots standard,longctx,multimodal] [--revision REV] [--dry-run] [--help]
 #
-#   --slots LIST     comma-separated slots to fetch (default: the three generation slots, plus
-#                    embedding and rerank when their model is set)
+#   --slots LIST     comma-separated slots to fetch (default: every configured slot: the three
+#                    generation slots, embedding and rerank when their model is set, and the slots
+#                    of LLM_CONFIG_FILE and LLM_SLOTS__<SLOT>__MODEL)
 #   --revision REV   branch, tag or commit to fetch for every slot (default: main)
 #   --dry-run        print slot, model id and target directory of each download; fetch nothing
 #   -h, --help       this text
@@ -16,6 +17,9 @@
 #                    models; the guide's own ids are aliases of them); a local path is skipped
 #   LLM_MODEL_EMBEDDING, LLM_MODEL_RERANK
 #                    model id of the optional retrieval slots; unset: the slot is off, nothing fetched
+#   LLM_CONFIG_FILE, LLM_SLOTS__<SLOT>__<FIELD>
+#                    the service's slot set (README "Slots"), read by the service's own code
+#                    (PYTHON, default python3, must import llm_service: run from the repository)
 #   HF_HOME          Hugging Face home; files go to $HF_HOME/hub (default: ~/.cache/huggingface)
 #   HF_HUB_CACHE     the hub cache directory itself, if not $HF_HOME/hub
 #   HF_TOKEN         access token, needed for gated models (Llama, Gemma): accept the licence on
@@ -83,8 +87,21 @@ resolve_alias() {
     esac
 }
 
+# With a slot file (LLM_CONFIG_FILE) or LLM_SLOTS__* variables, the service's own reader lists the
+# configured slots and their models (`slot<TAB>model` lines); without, the built-in slots below.
+listed=""
+if [ -n "${LLM_CONFIG_FILE:-}" ] || env | grep -q '^LLM_SLOTS__'; then
+    listed="$("${PYTHON:-python3}" -m llm_service.slot_settings)" \
+        || die 2 "cannot read the slot set of LLM_CONFIG_FILE / LLM_SLOTS__*: run from the repository with llm_service importable by ${PYTHON:-python3}"
+fi
+listed_model() { printf '%s\n' "$listed" | awk -F '\t' -v s="$1" '$1 == s { print $2; found = 1 } END { exit !found }'; }
+
 # The slot's LLM_MODEL_* value as set (empty when unset).
 configured_model() {
+    if [ -n "$listed" ]; then
+        listed_model "$1"
+        return
+    fi
     case "$1" in
         standard) printf '%s' "${LLM_MODEL_STANDARD:-}" ;;
         longctx) printf '%s' "${LLM_MODEL_LONGCTX:-}" ;;
@@ -135,8 +152,11 @@ endpoint="${endpoint%/}"
 timeout="${MODEL_DOWNLOAD_TIMEOUT:-10}"
 case "$timeout" in '' | *[!0-9]*) die 2 "MODEL_DOWNLOAD_TIMEOUT must be a whole number of seconds" ;; esac
 
-# Default: every generation slot and each retrieval slot whose model is set.
-if [ -z "$slots" ]; then
+# Default: every configured slot; without a slot set, every generation slot and each retrieval slot
+# whose model is set.
+if [ -z "$slots" ] && [ -n "$listed" ]; then
+    slots="$(printf '%s\n' "$listed" | cut -f1 | paste -sd, -)"
+elif [ -z "$slots" ]; then
     slots="$ALL_SLOTS"
     IFS=',' read -r -a retrieval <<<"$RETRIEVAL_SLOTS"
     for slot in "${retrieval[@]}"; do

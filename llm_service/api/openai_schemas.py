@@ -70,7 +70,7 @@ class OpenAISampling(StopSequences):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="Slot name (standard, longctx, multimodal) or the model id it serves.")
+    model: str = Field(description="Slot name, the model id it serves, an alias, or a LoRA adapter's name.")
     max_tokens: int | None = Field(
         None, ge=1, description="Most tokens to generate; default LLM_DEFAULT_MAX_TOKENS, within the context."
     )

@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -164,6 +165,23 @@ def test_retrieval_slots_are_fetched_only_when_their_model_is_set(env: dict[str,
     del env["LLM_MODEL_EMBEDDING"]
     off = run(["--dry-run", "--slots", "embedding"], env)
     assert off.returncode == 2 and "set LLM_MODEL_EMBEDDING" in off.stderr
+
+
+def test_the_configured_slot_set_is_fetched(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "slots.yaml"
+    config.write_text("slots:\n  coder:\n    model: org/coder\n  embedding:\n    model: org/embedder\n")
+    env.update(PYTHON=sys.executable, LLM_CONFIG_FILE=str(config), LLM_SLOTS__QUICK__MODEL="org/quick",
+               LLM_MODEL_STANDARD="org/standard")
+    result = subprocess.run(["bash", str(WRAPPER), "--dry-run"], capture_output=True, text=True, env=env,
+                            timeout=60, check=False, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
+    assert list(rows) == [*SLOTS, "embedding", "coder", "quick"]
+    assert (rows["standard"], rows["coder"], rows["quick"]) == ("org/standard", "org/coder", "org/quick")
+    config.write_text("slots:\n  coder:\n    modle: org/coder\n")
+    bad = subprocess.run(["bash", str(WRAPPER), "--dry-run"], capture_output=True, text=True, env=env,
+                         timeout=60, check=False, cwd=REPO)
+    assert bad.returncode == 2 and "slot 'coder': field 'modle': unknown field" in bad.stderr
 
 
 def test_unknown_slot_and_argument_are_usage_errors(env: dict[str, str]) -> None:
