@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from llm_service.app import EngineBackend, create_app
 from llm_service.engines.base import EngineConfig
@@ -97,4 +99,16 @@ async def fake_app() -> AsyncIterator[tuple[httpx.AsyncClient, FakeFactory]]:
         await registry.wait_preloaded()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client, factory
+
+
+@contextlib.asynccontextmanager
+async def admin_client_for(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FakeFactory]]:
+    """The real app on fake engines with APP_ADMIN_TOKEN=s3cret, preloads done, and an httpx client."""
+    factory = FakeFactory()
+    settings = settings.model_copy(update={"app": AppSettings(env="test", admin_token=SecretStr("s3cret"))})
+    app = create_app(settings, EngineBackend(factory, "cpu", 8 * GIB))
+    async with app.router.lifespan_context(app):
+        await app.state.resources.registry.wait_preloaded()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             yield client, factory

@@ -6,26 +6,16 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from llm_service.app import EngineBackend, create_app
-from llm_service.settings import AppSettings
-
-from .conftest import GIB, FakeFactory, fake_settings
+from .conftest import FakeFactory, admin_client_for, fake_settings
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
 
 @pytest.fixture
 async def admin_client() -> AsyncIterator[tuple[httpx.AsyncClient, FakeFactory]]:
-    factory = FakeFactory()
-    settings = fake_settings()
-    settings = settings.model_copy(update={"app": AppSettings(env="test", admin_token=SecretStr("s3cret"))})
-    app = create_app(settings, EngineBackend(factory, "cpu", 8 * GIB))
-    async with app.router.lifespan_context(app):
-        await app.state.resources.registry.wait_preloaded()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            yield client, factory
+    async with admin_client_for(fake_settings()) as pair:
+        yield pair
 
 
 async def test_admin_is_disabled_without_a_token(fake_app):

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from llm_service.app import EngineBackend, create_app
 from llm_service.engines.base import SamplingOptions
 from llm_service.generation import GenerationSpec, _key_extra
 from llm_service.images import RequestImages
-from llm_service.settings import AppSettings, LLMSettings
+from llm_service.settings import LLMSettings
 from llm_service.slot_config import build_slot_configs
 
-from .conftest import GIB, FakeFactory, fake_settings
+from .conftest import GIB, FakeFactory, admin_client_for, fake_settings
 
 AUTH = {"Authorization": "Bearer s3cret"}
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
@@ -25,14 +23,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Ins
 
 @pytest.fixture
 async def lora_app() -> AsyncIterator[tuple[httpx.AsyncClient, FakeFactory]]:
-    factory = FakeFactory()
-    settings = fake_settings(slots={"standard": {"adapters": "demo-lora=/adapters/demo"}})
-    settings = settings.model_copy(update={"app": AppSettings(env="test", admin_token=SecretStr("s3cret"))})
-    app = create_app(settings, EngineBackend(factory, "cpu", 8 * GIB))
-    async with app.router.lifespan_context(app):
-        await app.state.resources.registry.wait_preloaded()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            yield client, factory
+    async with admin_client_for(fake_settings(slots={"standard": {"adapters": "demo-lora=/adapters/demo"}})) as pair:
+        yield pair
 
 
 def chat(model: str) -> dict[str, object]:

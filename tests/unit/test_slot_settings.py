@@ -159,3 +159,27 @@ def test_the_configmaps_file_is_the_built_in_set_and_its_example_reads(
     llm = load_settings().llm
     assert llm.enabled_slots() == ("standard", "longctx", "multimodal", "embedding", "coder")
     assert llm.slot("standard").adapters[0].name == "support-lora"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "section", "field", "expected"),
+    [
+        ("LLM_GPU_MEMORY_UTILIZATION", "0.75", "llm", "gpu_memory_utilization", 0.75),
+        ("LLM_LOAD_ON_STARTUP", "false", "llm", "load_on_startup", False),
+        ("LLM_TENSOR_PARALLEL_SIZE", "2", "llm", "tensor_parallel_size", 2),
+        ("APP_ENV", "development", "app", "env", "development"),
+        ("APP_LOG_LEVEL", "debug", "app", "log_level", "DEBUG"),
+    ],
+)
+def test_the_guides_global_variables_still_work(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, section: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(getattr(load_settings(), section), field) == expected
+
+
+def test_a_chat_template_per_slot_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    monkeypatch.setenv("LLM_CHAT_TEMPLATE_MULTIMODAL", str(template))
+    assert load_settings().llm.slot("multimodal").chat_template == template
