@@ -34,9 +34,9 @@ def slot_file(path: Path, adapter: Path) -> Path:
         share = 0.15 if kind == "generate" else 0.1
         return {"model": model, "kind": kind, "memory_share": share, "max_model_len": length, "engine_args": kv, **more}
 
-    slots = {
-        "standard": slot(demo),
-        "longctx": slot(demo, length=2048),
+    slots = {  # only the slots the test uses preload (standard and longctx do by default)
+        "standard": slot(demo, preload=False),
+        "longctx": slot(demo, length=2048, preload=False),
         "multimodal": slot(demo_model_path(DEMO_MULTIMODAL_DIR)),
         "embedding": slot(demo, "embedding", 512, preload=True),
         "rerank": slot(demo_model_path(DEMO_RERANK_DIR), "rerank", 512, preload=True),
@@ -59,8 +59,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Pat
 
 @pytest.fixture(scope="module")
 def vllm_serve(setup: tuple[dict[str, str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's own OpenAI server on the demo model and the same adapter (started first: it takes longest)."""
+    """vLLM's own OpenAI server on the demo model and the same adapter (started first: it takes longest).
+
+    TEST_VLLM_SERVE_URL names one already running with these arguments instead (the adapter's weights
+    are seeded, so any build of it is the same)."""
     _, adapter = setup
+    if os.environ.get("TEST_VLLM_SERVE_URL"):
+        yield os.environ["TEST_VLLM_SERVE_URL"]
+        return
     port = free_port()
     log = (tmp_path_factory.mktemp("vllm") / "vllm.log").open("ab")
     process = subprocess.Popen(
