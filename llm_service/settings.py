@@ -41,8 +41,9 @@ DEFAULT_MAX_MODEL_LEN: dict[str, int] = {
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
 # The multimodal slot's demo: an Idefics3 around the demo model (`python -m llm_service.demo_model --multimodal`).
 DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
-# The rerank slot's demo: a cross-encoder made of the demo model (`python -m llm_service.demo_model --rerank`).
-DEMO_RERANK_DIR = Path("models/SmolLM2-135M-Reranker")
+# The embedding and rerank slots' demo (`make serve`): sentence-transformers' all-MiniLM-L6-v2
+# (`python -m llm_service.demo_model --embedding`).
+DEMO_EMBEDDING_DIR = Path("models/all-MiniLM-L6-v2")
 
 
 class SettingsError(ValueError):

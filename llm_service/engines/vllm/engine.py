@@ -45,7 +45,7 @@ from llm_service.engines.vllm.device import (
     process_memory_bytes,
     used_memory_bytes,
 )
-from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
+from llm_service.engines.vllm.pooling import PairScorer, check_scorer, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
@@ -175,7 +175,7 @@ class VLLMEngine:
             try:
                 self._renderer = PromptRenderer(llm, self.config)
                 if self.config.kind == "rerank":
-                    check_cross_encoder(llm, self.config.slot)
+                    check_scorer(llm, self.config.slot)
                     self._scorer = PairScorer(llm)
             except Exception as exc:
                 await asyncio.to_thread(llm.shutdown)
