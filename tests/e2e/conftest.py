@@ -21,6 +21,9 @@ from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session 
 
 ROOT = Path(__file__).resolve().parents[2]
 KV_CACHE_ARGS = '{"kv_cache_memory_bytes": 536870912}'  # 512 MiB per engine
+# The retrieval slots' encoder keeps no KV cache: it runs max_num_seqs inputs at once, so a small
+# batch lets the admission tests fill it with a request the fixture's limits allow.
+RETRIEVAL_ENGINE_ARGS = '{"max_num_seqs": 8}'
 READY_TIMEOUT = 600.0  # seconds; an engine starts in about 30 s here, under load slower
 
 
@@ -179,7 +182,7 @@ def embedding_env() -> dict[str, str]:
     return {
         "LLM_MODEL_EMBEDDING": demo_model_path(DEMO_EMBEDDING_DIR),
         "LLM_MEMORY_SHARE_EMBEDDING": "0.1",
-        "LLM_ENGINE_ARGS_EMBEDDING": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_EMBEDDING": RETRIEVAL_ENGINE_ARGS,
     }
 
 
@@ -188,7 +191,7 @@ def rerank_env() -> dict[str, str]:
     return {
         "LLM_MODEL_RERANK": demo_model_path(DEMO_EMBEDDING_DIR),
         "LLM_MEMORY_SHARE_RERANK": "0.1",
-        "LLM_ENGINE_ARGS_RERANK": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_RERANK": RETRIEVAL_ENGINE_ARGS,
     }
 
 

@@ -57,6 +57,8 @@ log = structlog.get_logger(__name__)
 _BUILD_LOCK = threading.Lock()
 
 # "repetition" only comes from vLLM's opt-in repetition detection; to a client it is a normal stop.
+# Attention kinds that keep no KV cache: an encoder (BERT, all-MiniLM-L6-v2) or an attention-free model.
+_NO_KV_CACHE = ("encoder_only", "attention_free")
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
@@ -332,8 +334,13 @@ class VLLMEngine:
         kv_tokens = cache.kv_cache_size_tokens
         if kv_tokens is None:
             kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        if llm.model_config.attn_type in _NO_KV_CACHE:
+            # vLLM gives such a model one placeholder block (128 tokens here), which would admit one
+            # input at a time; nothing is held, so a full batch of the longest inputs runs at once.
+            kv_tokens = max_num_seqs * llm.model_config.max_model_len
         return EngineCapacity(
-            max_num_seqs=llm.vllm_config.scheduler_config.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             kv_cache_tokens=int(kv_tokens),
             max_model_len=llm.model_config.max_model_len,
         )
