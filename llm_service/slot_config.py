@@ -16,7 +16,7 @@ from llm_service.sizing.estimate import (
     model_shape,
 )
 from llm_service.sizing.load_time import load_time
-from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, model_metadata
+from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, length_limit, model_metadata
 from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
 from llm_service.slot_settings import BUILTIN, DEMO_MODEL_DIR
 
@@ -66,7 +66,7 @@ def _default_length(llm: LLMSettings, slot: str, meta: ModelMetadata) -> int:
     builtin = BUILTIN.get(slot)
     default = builtin.max_model_len if builtin else DEFAULT_MAX_MODEL_LEN
     shape = model_shape(meta.config) if meta.config else None
-    limit = shape.max_position_embeddings if shape else None
+    limit = length_limit(meta, shape.max_position_embeddings if shape else None)
     return limit if limit is not None and limit < default else default
 
 

@@ -121,10 +121,10 @@ class BuiltinSlot:
 
 
 # Where `python -m llm_service.demo_model` writes the demo checkpoints (relative to the cwd): the text
-# model, an Idefics3 around it (random vision tower) and a cross-encoder made of it (random score head).
+# model, an Idefics3 around it (random vision tower) and sentence-transformers' all-MiniLM-L6-v2.
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
 DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
-DEMO_RERANK_DIR = Path("models/SmolLM2-135M-Reranker")
+DEMO_EMBEDDING_DIR = Path("models/all-MiniLM-L6-v2")
 # A random-weight LoRA adapter for the demo model (`python -m llm_service.demo_adapter`).
 DEMO_ADAPTER_DIR = Path("models/SmolLM2-135M-LoRA-demo")
 # The built-in slots (the deployment guide's three, then the optional retrieval slots): the one place
@@ -138,8 +138,8 @@ BUILTIN_SLOTS: tuple[BuiltinSlot, ...] = (
                 guide_model="mistralai/Mistral-NeMo-Instruct-2407-AWQ"),
     BuiltinSlot("multimodal", "generate", 8192, DEMO_MULTIMODAL_DIR,
                 "gaunernst/gemma-3-12b-it-int4-awq", guide_model="google/gemma-3-12b-it-awq"),
-    BuiltinSlot("embedding", "embedding", 2048, DEMO_MODEL_DIR),
-    BuiltinSlot("rerank", "rerank", 2048, DEMO_RERANK_DIR),
+    BuiltinSlot("embedding", "embedding", 2048, DEMO_EMBEDDING_DIR),
+    BuiltinSlot("rerank", "rerank", 2048, DEMO_EMBEDDING_DIR),
 )
 BUILTIN: dict[str, BuiltinSlot] = {slot.name: slot for slot in BUILTIN_SLOTS}
 

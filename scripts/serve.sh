@@ -54,18 +54,19 @@ case "$cache" in
     ;;
 esac
 
-# The demo setup (no GPU, no embedding model set) serves the demo model as the embedding slot too;
-# LLM_MODEL_EMBEDDING= (empty) turns that off.
-if [ -z "${LLM_MODEL_EMBEDDING+set}" ] && ! command -v nvidia-smi >/dev/null 2>&1 \
-  && [ -f models/SmolLM2-135M-Instruct/config.json ]; then
-  export LLM_MODEL_EMBEDDING=models/SmolLM2-135M-Instruct
-  echo "serve: embedding slot on the demo model (LLM_MODEL_EMBEDDING= turns it off)" >&2
-fi
-# Likewise the rerank slot on the demo cross-encoder (random score head: its scores mean nothing).
-if [ -z "${LLM_MODEL_RERANK+set}" ] && ! command -v nvidia-smi >/dev/null 2>&1 \
-  && [ -f models/SmolLM2-135M-Reranker/config.json ]; then
-  export LLM_MODEL_RERANK=models/SmolLM2-135M-Reranker
-  echo "serve: rerank slot on the demo reranker (LLM_MODEL_RERANK= turns it off)" >&2
+# The demo setup (no GPU, no retrieval model set) serves all-MiniLM-L6-v2 in the embedding slot and,
+# as a bi-encoder (cosine of the two embeddings), in the rerank slot; LLM_MODEL_EMBEDDING= or
+# LLM_MODEL_RERANK= (empty) turns that slot off.
+demo_embedding=models/all-MiniLM-L6-v2
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ -f "$demo_embedding/modules.json" ]; then
+  if [ -z "${LLM_MODEL_EMBEDDING+set}" ]; then
+    export LLM_MODEL_EMBEDDING=$demo_embedding
+    echo "serve: embedding slot on $demo_embedding (LLM_MODEL_EMBEDDING= turns it off)" >&2
+  fi
+  if [ -z "${LLM_MODEL_RERANK+set}" ]; then
+    export LLM_MODEL_RERANK=$demo_embedding
+    echo "serve: rerank slot on $demo_embedding, cosine scores (LLM_MODEL_RERANK= turns it off)" >&2
+  fi
 fi
 
 # In the background so that a TERM reaches it through the trap; wait again after a signal.

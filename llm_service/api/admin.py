@@ -60,7 +60,12 @@ class AdapterBody(BaseModel):
     path: str = Field(min_length=1, description="Local folder or Hugging Face id of a PEFT LoRA adapter.")
 
 
-@router.post("/models/{slot}/adapters", dependencies=[AdminDep], summary="Add a LoRA adapter to a slot")
+@router.post(
+    "/models/{slot}/adapters",
+    dependencies=[AdminDep],
+    summary="Add a LoRA adapter to a slot",
+    responses=error_responses(ErrorEnvelope, 400),
+)
 async def add_adapter(slot: str, body: AdapterBody, registry: RegistryDep) -> dict[str, Any]:
     await registry.add_adapter(slot, AdapterConfig(body.name, body.path))
     return {"model": slot, "adapters": [a.name for a in registry.slot(slot).config.adapters]}

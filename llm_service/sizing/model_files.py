@@ -44,6 +44,9 @@ class ModelMetadata:
     config: dict[str, Any] | None
     source: str  # local, cache, hub, bundled or none
     files: tuple[str, ...] = field(default=())  # repo file names, where known
+    # sentence-transformers' max_seq_length (sentence_*_config.json), where the files are on disk:
+    # vLLM takes it as the model's longest input, below max_position_embeddings.
+    max_seq_length: int | None = None
 
     def has(self, pattern: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for name in self.files)
@@ -73,6 +76,21 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         if config is not None:
             return config
     return None
+
+
+def _sentence_transformers_length(folder: Path) -> int | None:
+    """max_seq_length of a sentence-transformers model (sentence_bert_config.json and its kin)."""
+    for path in sorted(folder.glob("sentence_*_config.json")):
+        value = (_read_json(path) or {}).get("max_seq_length")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def length_limit(meta: ModelMetadata, positions: int | None) -> int | None:
+    """The longest input a model takes, as vLLM derives it: its position embeddings (`positions`),
+    or sentence-transformers' max_seq_length where that is set."""
+    return meta.max_seq_length if meta.max_seq_length is not None else positions
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -106,7 +124,9 @@ def _cached(model_id: str, revision: str | None) -> ModelMetadata | None:
         return None
     snapshot = Path(cached).parent
     names = tuple(sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if not p.is_dir()))
-    return ModelMetadata(model_id, _read_config(snapshot), "cache", names)
+    return ModelMetadata(
+        model_id, _read_config(snapshot), "cache", names, max_seq_length=_sentence_transformers_length(snapshot)
+    )
 
 
 def _from_hub(model_id: str, revision: str | None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
@@ -141,7 +161,9 @@ def model_metadata(model_id: str, revision: str | None = None, *, hub: bool | No
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         names = tuple(sorted(path.name for path in folder.iterdir()))
-        return ModelMetadata(model_id, _read_config(folder), "local", names)
+        return ModelMetadata(
+            model_id, _read_config(folder), "local", names, max_seq_length=_sentence_transformers_length(folder)
+        )
     cached = _cached(model_id, revision)
     # A cache with weights is a finished download whose file list is complete: no need to ask.
     complete = cached is not None and cached.has("*.safetensors")

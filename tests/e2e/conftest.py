@@ -15,12 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR, DEMO_RERANK_DIR
+from llm_service.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 KV_CACHE_ARGS = '{"kv_cache_memory_bytes": 536870912}'  # 512 MiB per engine
+# The retrieval slots' encoder keeps no KV cache: it runs max_num_seqs inputs at once, so a small
+# batch lets the admission tests fill it with a request the fixture's limits allow.
+RETRIEVAL_ENGINE_ARGS = '{"max_num_seqs": 8}'
 READY_TIMEOUT = 600.0  # seconds; an engine starts in about 30 s here, under load slower
 
 
@@ -135,7 +138,7 @@ def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> str:
     if not (path / "config.json").exists():
         pytest.fail(
             f"demo model missing at {path}: run `python -m llm_service.demo_model --multimodal` "
-            "and `--rerank` (make setup)"
+            "and `--embedding` (make setup)"
         )
     return str(path)
 
@@ -174,22 +177,21 @@ def base_env(**overrides: str) -> dict[str, str]:
 
 
 def embedding_env() -> dict[str, str]:
-    """The demo embedding slot (the demo model behind vLLM's pooling runner), as `make serve` has it."""
+    """The demo embedding slot (all-MiniLM-L6-v2 on vLLM's pooling runner), as `make serve` has it;
+    its context is the model's own (256 tokens, sentence-transformers' max_seq_length)."""
     return {
-        "LLM_MODEL_EMBEDDING": demo_model_path(),
-        "LLM_MAX_MODEL_LEN_EMBEDDING": "512",
+        "LLM_MODEL_EMBEDDING": demo_model_path(DEMO_EMBEDDING_DIR),
         "LLM_MEMORY_SHARE_EMBEDDING": "0.1",
-        "LLM_ENGINE_ARGS_EMBEDDING": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_EMBEDDING": RETRIEVAL_ENGINE_ARGS,
     }
 
 
 def rerank_env() -> dict[str, str]:
-    """The demo rerank slot (the demo model with a random score head), as `make serve` has it."""
+    """The demo rerank slot (all-MiniLM-L6-v2 as a bi-encoder: cosine scores), as `make serve` has it."""
     return {
-        "LLM_MODEL_RERANK": demo_model_path(DEMO_RERANK_DIR),
-        "LLM_MAX_MODEL_LEN_RERANK": "512",
+        "LLM_MODEL_RERANK": demo_model_path(DEMO_EMBEDDING_DIR),
         "LLM_MEMORY_SHARE_RERANK": "0.1",
-        "LLM_ENGINE_ARGS_RERANK": KV_CACHE_ARGS,
+        "LLM_ENGINE_ARGS_RERANK": RETRIEVAL_ENGINE_ARGS,
     }
 
 

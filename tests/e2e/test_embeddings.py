@@ -1,5 +1,6 @@
-"""/v1/embeddings on the real engine: the demo model behind vLLM's pooling runner, in the retrieval
-service (only the retrieval slots loaded), through the openai SDK, LangChain and plain HTTP."""
+"""/v1/embeddings on the real engine: all-MiniLM-L6-v2 (the demo embedding model) behind vLLM's pooling
+runner, in the retrieval service (only the retrieval slots loaded), through the openai SDK, LangChain
+and plain HTTP."""
 
 from __future__ import annotations
 
@@ -16,7 +17,22 @@ from tests.metrics_text import metric
 
 from .conftest import ServiceProcess
 
-HIDDEN_SIZE = 576  # SmolLM2-135M's hidden size: last-token pooling returns one hidden state
+HIDDEN_SIZE = 384  # all-MiniLM-L6-v2's: mean pooling over the tokens' hidden states
+# Ten one-line facts and a plain question whose answer is one of them (the issue's LlamaIndex check,
+# where last-token pooling over the chat model ranked the Nile sentence first).
+FACTS = [
+    "The Nile is the longest river in Africa.",
+    "Paris is the capital of France.",
+    "Photosynthesis turns sunlight into chemical energy in plants.",
+    "Mount Everest is the highest mountain on Earth.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "The Great Wall of China is thousands of kilometres long.",
+    "Shakespeare wrote Hamlet and Macbeth.",
+    "The Pacific is the largest ocean.",
+    "Honey bees live in colonies with one queen.",
+    "The speed of light is about 300,000 kilometres per second.",
+]
+QUESTION, ANSWER = "What is the capital of France?", 1
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +68,17 @@ def test_sdk_shapes_normalization_and_usage(client: openai.OpenAI) -> None:
     vectors = [d.embedding for d in floats.data]
     assert cosine(vectors[0], vectors[0]) == pytest.approx(1.0, abs=1e-5)
     assert cosine(vectors[0], vectors[1]) < 0.9999  # different texts, different vectors
+
+
+def test_the_question_ranks_its_fact_first(client: openai.OpenAI) -> None:
+    vectors = [d.embedding for d in client.embeddings.create(model="embedding", input=[QUESTION, *FACTS]).data]
+    scores = [cosine(vectors[0], fact) for fact in vectors[1:]]
+    ranking = sorted(range(len(FACTS)), key=lambda i: -scores[i])
+    assert ranking[0] == ANSWER, [FACTS[i] for i in ranking[:3]]
+    # sentence-transformers' own all-MiniLM-L6-v2 gives 0.86 here: mean pooling and normalizing as its
+    # modules.json says, not another pooling of the same weights.
+    assert scores[ANSWER] == pytest.approx(0.86, abs=0.01)
+    assert max(s for i, s in enumerate(scores) if i != ANSWER) < 0.3
 
 
 def test_batch_equals_single(client: openai.OpenAI) -> None:
@@ -100,7 +127,7 @@ def test_langchain_openai_embeddings(embedder: ServiceProcess) -> None:
 def test_errors(client: openai.OpenAI, embedder: ServiceProcess) -> None:
     with pytest.raises(openai.BadRequestError, match="at most 128"):
         client.embeddings.create(model="embedding", input=["x"] * 129)
-    with pytest.raises(openai.BadRequestError, match="at most 512"):
+    with pytest.raises(openai.BadRequestError, match="at most 256"):
         client.embeddings.create(model="embedding", input="word " * 600)
     with pytest.raises(openai.BadRequestError, match=r"dimensions|matryoshka"):
         client.embeddings.create(model="embedding", input="x", dimensions=64)

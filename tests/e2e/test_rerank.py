@@ -1,5 +1,6 @@
-"""/v1/rerank and /rerank on the real engine: the demo cross-encoder (random score head, so the
-scores are meaningless but deterministic) behind vLLM's pooling runner, in the retrieval service."""
+"""/v1/rerank and /rerank on the real engine: all-MiniLM-L6-v2 (the demo) behind vLLM's pooling runner
+as a bi-encoder (a pair's score is the cosine of the query's and the document's embeddings), in the
+retrieval service."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from tests.metrics_text import metric
 
 from .conftest import ServiceProcess
+from .test_embeddings import ANSWER, FACTS, QUESTION
 
 QUERY = "What is the capital of France?"
 DOCUMENTS = [
@@ -44,9 +46,18 @@ def test_shape_and_order_consistent_with_scores(http: httpx.Client) -> None:
     assert sorted(r["index"] for r in results) == list(range(len(DOCUMENTS)))
     scores = [r["relevance_score"] for r in results]
     assert scores == sorted(scores, reverse=True)
-    assert all(0.0 <= s <= 1.0 for s in scores)  # one label: vLLM applies a sigmoid
+    assert all(-1.0 <= s <= 1.0 for s in scores)  # cosine similarities
     assert all(r["document"]["text"] == DOCUMENTS[r["index"]] for r in results)
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] > len(DOCUMENTS) * 10
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+def test_the_question_ranks_its_fact_first(http: httpx.Client, path: str) -> None:
+    results = rerank(http, path=path, query=QUESTION, documents=FACTS)["results"]
+    assert results[0]["index"] == ANSWER, [r["document"]["text"] for r in results[:3]]
+    # The same cosine as /v1/embeddings' vectors give (0.86): vLLM's bi-encoder scoring of the embeddings.
+    assert results[0]["relevance_score"] == pytest.approx(0.86, abs=0.01)
+    assert results[1]["relevance_score"] < 0.3
 
 
 def test_batch_scores_equal_single_scores_and_both_paths_agree(http: httpx.Client) -> None:
@@ -68,7 +79,7 @@ def test_errors(http: httpx.Client, retrieval_service: ServiceProcess) -> None:
     assert "empty" in rerank(http, 400, documents=[])["error"]["message"]
     assert "at most 64" in rerank(http, 400, documents=["d"] * 65)["error"]["message"]
     too_long = rerank(http, 400, documents=["short", "word " * 600])["error"]
-    assert "document 1" in too_long["message"] and "512" in too_long["message"]
+    assert "document 1" in too_long["message"] and "256" in too_long["message"]
     assert rerank(http, 400, model="embedding")["error"]["param"] == "model"
     assert rerank(http, 404, model="no-such-model")["error"]["type"] == "model_not_found"
     embed = http.post("/v1/embeddings", json={"model": "rerank", "input": "x"})

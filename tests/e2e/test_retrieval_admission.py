@@ -15,7 +15,7 @@ from tests.metrics_text import metric
 
 from .conftest import ServiceProcess
 
-TEXT = "Paris is the capital and largest city of France. " * 30  # about 300 tokens, under the 512 context
+TEXT = "Paris is the capital and largest city of France. " * 20  # about 200 tokens, under the 256 context
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -39,11 +39,11 @@ def _embedding_body(service: ServiceProcess) -> dict[str, Any]:
 
 def _rerank_body(service: ServiceProcess) -> dict[str, Any]:
     """Pairs worth more than the rerank engine's whole KV cache (admission counts a pair's bytes, at
-    most the 512-token context; at most 64 documents, the fixture's limit)."""
+    most the 256-token context; at most 64 documents, the fixture's limit)."""
     kv = _figures(service, "rerank")["kv_cache_tokens"]
-    count = math.ceil(1.1 * kv / 512)
+    count = math.ceil(1.1 * kv / 256)
     if count > 64:
-        pytest.skip(f"the rerank engine holds {kv} tokens: more than 64 pairs of 512")
+        pytest.skip(f"the rerank engine holds {kv} tokens: more than 64 pairs of 256")
     return {"model": "rerank", "query": "What is the capital of France?",
             "documents": [f"{i} {TEXT}" for i in range(count)]}
 

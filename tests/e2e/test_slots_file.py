@@ -17,7 +17,7 @@ import pytest
 
 from llm_service.demo_adapter import build_adapter
 from llm_service.frontend_config import DEMO_TOOL_TEMPLATE
-from llm_service.settings import DEMO_MULTIMODAL_DIR, DEMO_RERANK_DIR
+from llm_service.settings import DEMO_MULTIMODAL_DIR, DEMO_EMBEDDING_DIR
 
 from .conftest import KV_CACHE_ARGS, ROOT, ServiceProcess, base_env, demo_model_path, free_port, wait_for
 
@@ -39,7 +39,7 @@ def slot_file(path: Path, adapter: Path) -> Path:
         "longctx": slot(demo, length=2048, preload=False),
         "multimodal": slot(demo_model_path(DEMO_MULTIMODAL_DIR)),
         "embedding": slot(demo, "embedding", 512, preload=True),
-        "rerank": slot(demo_model_path(DEMO_RERANK_DIR), "rerank", 512, preload=True),
+        "rerank": slot(demo_model_path(DEMO_EMBEDDING_DIR), "rerank", 512, preload=True),
         "fast": slot(demo, preload=True, adapters=[{"name": "demo-lora", "path": str(adapter)}], max_lora_rank=8),
     }
     path.write_text(json.dumps({"slots": slots}), encoding="utf-8")  # JSON is YAML

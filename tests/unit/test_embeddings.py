@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from array import array
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -171,3 +173,19 @@ def test_embedding_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch
     llm = LLMSettings()
     assert llm.slot("embedding").engine_args == {"kv_cache_memory_bytes": 536870912}
     assert llm.preload_models == ["standard", "embedding"] and "embedding" in llm.enabled_slots()
+
+
+def test_a_sentence_transformers_model_is_planned_at_its_max_seq_length(tmp_path: Path) -> None:
+    """vLLM takes sentence_bert_config.json's max_seq_length (256 for all-MiniLM-L6-v2, the demo) as the
+    model's limit and refuses a longer max_model_len; the plan's default must not ask for more."""
+    from llm_service.slot_config import build_slot_configs
+
+    bert = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
+            "num_attention_heads": 12, "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512}
+    folder = tmp_path / "all-MiniLM-L6-v2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(bert))
+    settings = fake_settings(model_embedding=str(folder), memory_share_embedding=0.2).llm
+    assert [c.max_model_len for c, _ in build_slot_configs(settings, "cpu", 8 * GIB) if c.slot == "embedding"] == [512]
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
+    assert [c.max_model_len for c, _ in build_slot_configs(settings, "cpu", 8 * GIB) if c.slot == "embedding"] == [256]

@@ -204,3 +204,20 @@ def test_rerank_slot_is_planned_with_the_others_and_starts_the_pooling_runner() 
     assert rerank.memory_share == 0.2 and rerank.max_model_len == 12
     demo = str(DEMO_MODEL_DIR.resolve())  # engine arguments resolve the model: a local one
     assert VLLMEngine(dataclasses.replace(rerank, model_id=demo)).engine_args().runner == "pooling"
+
+
+async def test_a_model_id_in_both_retrieval_slots_means_the_slot_of_the_route() -> None:
+    """The demo serves one folder in `embedding` and `rerank`: its id reaches each route's own slot."""
+    shared = {"model_embedding": "fake/minilm", "memory_share_embedding": 0.2, "max_model_len_embedding": 12}
+    settings = fake_settings(**{**RERANK, "model_rerank": "fake/minilm"}, **shared)
+    app = create_app(settings, EngineBackend(FakeFactory(), "cpu", 8 * GIB))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            pairs = {"query": QUERY, "documents": DOCUMENTS}
+            ranked_ = await client.post("/v1/rerank", json={"model": "fake/minilm", **pairs})
+            embedded = await client.post("/v1/embeddings", json={"model": "fake/minilm", "input": "france"})
+            wrong = await client.post("/v1/rerank", json={"model": "embedding", **pairs})
+    assert ranked_.status_code == 200 and ranked_.json()["model"] == "rerank"
+    assert embedded.status_code == 200 and embedded.json()["model"] == "embedding"
+    assert wrong.status_code == 400  # a slot's own name still means that slot

@@ -47,7 +47,7 @@ from llm_service.engines.vllm.device import (
     used_memory_bytes,
 )
 from llm_service.engines.vllm.lora import Adapters, lora_engine_args
-from llm_service.engines.vllm.pooling import PairScorer, check_cross_encoder, embed_batch, pooling_engine_args
+from llm_service.engines.vllm.pooling import PairScorer, check_scorer, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
 from llm_service.engines.vllm.tools import ToolCallReader, VLLMPrompt
 
@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 _BUILD_LOCK = threading.Lock()
 
 # "repetition" only comes from vLLM's opt-in repetition detection; to a client it is a normal stop.
+# Attention kinds that keep no KV cache: an encoder (BERT, all-MiniLM-L6-v2) or an attention-free model.
+_NO_KV_CACHE = ("encoder_only", "attention_free")
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
 
 
@@ -179,7 +181,7 @@ class VLLMEngine:
             try:
                 self._renderer = PromptRenderer(llm, self.config)
                 if self.config.kind == "rerank":
-                    check_cross_encoder(llm, self.config.slot)
+                    check_scorer(llm, self.config.slot)
                     self._scorer = PairScorer(llm)
             except Exception as exc:
                 await asyncio.to_thread(llm.shutdown)
@@ -347,8 +349,13 @@ class VLLMEngine:
         kv_tokens = cache.kv_cache_size_tokens
         if kv_tokens is None:
             kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        if llm.model_config.attn_type in _NO_KV_CACHE:
+            # vLLM gives such a model one placeholder block (128 tokens here), which would admit one
+            # input at a time; nothing is held, so a full batch of the longest inputs runs at once.
+            kv_tokens = max_num_seqs * llm.model_config.max_model_len
         return EngineCapacity(
-            max_num_seqs=llm.vllm_config.scheduler_config.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             kv_cache_tokens=int(kv_tokens),
             max_model_len=llm.model_config.max_model_len,
         )
