@@ -60,18 +60,15 @@ class AdapterBody(BaseModel):
     path: str = Field(min_length=1, description="Local folder or Hugging Face id of a PEFT LoRA adapter.")
 
 
-@router.post(
-    "/models/{slot}/adapters",
-    dependencies=[AdminDep],
-    summary="Add a LoRA adapter to a slot",
-    responses=error_responses(ErrorEnvelope, 400),
-)
+@router.post("/models/{slot}/adapters", dependencies=[AdminDep], responses=error_responses(ErrorEnvelope, 400),
+             summary="Add a LoRA adapter to a slot")
 async def add_adapter(slot: str, body: AdapterBody, registry: RegistryDep) -> dict[str, Any]:
     await registry.add_adapter(slot, AdapterConfig(body.name, body.path))
     return {"model": slot, "adapters": [a.name for a in registry.slot(slot).config.adapters]}
 
 
-@router.delete("/models/{slot}/adapters/{adapter}", dependencies=[AdminDep], summary="Remove a LoRA adapter")
+@router.delete("/models/{slot}/adapters/{adapter}", dependencies=[AdminDep],
+               responses=error_responses(ErrorEnvelope, 400), summary="Remove a LoRA adapter")
 async def remove_adapter(slot: str, adapter: str, registry: RegistryDep) -> dict[str, Any]:
     await registry.remove_adapter(slot, adapter)
     return {"model": slot, "adapters": [a.name for a in registry.slot(slot).config.adapters]}
