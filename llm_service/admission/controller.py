@@ -142,11 +142,7 @@ class AdmissionController:
         (429) at once: past a count bound, or when even `least` (a lower bound of its work, known
         before the engine renders it) could not start before `deadline` (event-loop time; None:
         none). `Admission.start` then decides on its exact work."""
-        loads = self.loads()
-        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
-        if refusal is None:
-            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
-        self._refuse(slot, refusal)
+        self.check(slot, least, deadline)
         state = self._slots[slot]
         key = next(self._ids)
         state.held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
@@ -160,6 +156,15 @@ class AdmissionController:
                 state.drain.tick(self._clock(), busy)
                 state.drain.release(held.work)
             self._publish(slot)
+
+    def check(self, slot: str, least: Work, deadline: float | None = None) -> None:
+        """Raise Overloaded (429) when `admit` would refuse a request of at least `least` work now;
+        reserves nothing. Cheap and synchronous: the fast path asks it before anything else."""
+        loads = self.loads()
+        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
+        if refusal is None:
+            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
+        self._refuse(slot, refusal)
 
     def _refuse(self, slot: str, refusal: Refusal | None) -> None:
         if refusal is not None:
