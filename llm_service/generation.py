@@ -345,8 +345,10 @@ class GenerationService:
         replica's memory tier, or its refusal by admission (raises Overloaded, 429) when it will
         need the engine. None when neither: nothing was counted or traced, serve it with `open`
         or `complete` (an unknown slot, images, a miss that Redis or an identical generation in
-        flight may answer, a request admission lets wait). `hit` False: a cacheable request is
-        not answered here at all (a stream, which its route renders)."""
+        flight may answer, a request admission lets wait: its least work is then reserved in
+        `spec.record.reservation` for the route's admit to adopt; release it if it never does).
+        `hit` False: a cacheable request is not answered here at all (a stream, which its route
+        renders)."""
         try:
             slot = self.registry.find(spec.slot)
         except ServiceError:
@@ -370,7 +372,8 @@ class GenerationService:
             return None
         least = self._least_work(slot.name, spec.sampling)
         try:
-            self.admission.check(slot.name, least, spec.deadline)
+            # Held until the route's admit adopts it: requests of a burst decided meanwhile count it.
+            spec.record.reservation = self.admission.reserve(slot.name, least, spec.deadline)
         except ServiceError as exc:
             spec.record.slot = slot.name
             await self._opened(self._stream(spec, slot, NO_IMAGES), _raise(exc))
@@ -425,8 +428,9 @@ class GenerationService:
         slot = stream.result.slot
         admission = None
         if self.admission is not None:  # refused at once (429) past a count bound, or by its least work
-            admission = await stream.enter(self.admission.admit(slot, self._least_work(slot, spec.sampling),
-                                                                spec.deadline))
+            admission = await stream.enter(self.admission.admit(
+                slot, self._least_work(slot, spec.sampling), spec.deadline, spec.record.reservation
+            ))
         engine = await stream.enter(self.registry.acquire(slot))
         try:
             rendered = await engine.render(spec.prompt_input())

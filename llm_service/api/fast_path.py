@@ -86,7 +86,12 @@ class FastPath:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:  # what admission reserved for it and its route never adopted (a 400, a Redis hit)
+            reservation = record_of(scope).reservation
+            if reservation is not None:
+                reservation.release()
 
 
 async def _answer_now(

@@ -139,3 +139,15 @@ async def test_admissions_refusal_is_answered_before_the_route(route_calls: list
         assert metric(text, "llm_requests_refused_total", model="standard", reason="slot") == 3
         assert metric(text, "llm_requests_total", model="standard", status="overloaded", code="429") == 3
         assert metric(text, "llm_requests_waiting", model="standard") == 0
+
+
+async def test_a_burst_decided_before_the_routes_admits_no_more_than_the_bound(route_calls: list[str]) -> None:
+    """Every request of a burst reaches the fast path before any reaches its route: what the fast
+    path lets through is reserved at once, so the rest of the burst counts it."""
+    async with app_client(engine={"token_delay": 0.05}, max_pending_per_slot=2) as (client, _):
+        responses = await asyncio.gather(*(client.post("/generate", json={"prompt": "a b c"}) for _ in range(10)))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 2 + [429] * 8, statuses
+        assert len(route_calls) == 2  # the refused never reached a route
+        figures = (await client.get("/health")).json()["admission"]["standard"]
+        assert figures["waiting"] == 0 and figures["running"] == 0 and figures["held_tokens"] == 0
