@@ -88,7 +88,7 @@ class FastPath:
 
         try:
             await self.app(scope, replay, send)
-        finally:  # what admission reserved for it and its route never adopted (a 400, a Redis hit)
+        finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)
             reservation = record_of(scope).reservation
             if reservation is not None:
                 reservation.release()
