@@ -21,13 +21,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.api.deps import Resources
 from llm_service.api.timeouts import timeout_of
 from llm_service.drain import Drain
 from llm_service.errors import ServiceError, error_response, renderer_for_path
 from llm_service.generation import GenerationResult, GenerationSpec
+from llm_service.guard import replaying
 from llm_service.request_metrics import record_of
 
 
@@ -77,17 +78,8 @@ class FastPath:
         if response is not None:
             await response(scope, receive, send)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replaying(body, receive), send)
         finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)
             reservation = record_of(scope).reservation
             if reservation is not None:
