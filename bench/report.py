@@ -177,6 +177,10 @@ def flood_lines(flood: dict[str, Any]) -> list[str]:
         ["/health/live meanwhile", f"{live['ok']}/{live['probes']} ok", live["p50_ms"], live["p99_ms"],
          live["max_ms"]],
     ]
+    burst = flood.get("live_burst")
+    if burst:
+        rows.append(["as many /health/live at once (the floor)", f"{burst['ok']}/{burst['sent']} ok",
+                     burst["p50_ms"], burst["p99_ms"], burst["max_ms"]])
     lines += _table(["", "count", "p50 ms", "p99 ms", "max ms"], rows)
     lines += [f"Served: {flood['served']} (slowest {flood['served_seconds_max']} s); all ended in "
               f"{flood['wall_seconds']} s.", ""]
