@@ -19,8 +19,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import cache_hits, latency, litellm_proxy, report, throughput
-from bench.plan import DTYPE, KV_CACHE_BYTES, MAX_MODEL_LEN, MEMORY_SHARE, MODEL, PLANS, ROOT, SECTIONS, Plan
+from bench import cache_hits, flood, latency, litellm_proxy, report, throughput
+from bench.plan import (
+    DTYPE,
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    MEMORY_SHARE,
+    MODEL,
+    OURS_PARTS,
+    PLANS,
+    ROOT,
+    SECTIONS,
+    Plan,
+)
 from bench.servers import Redis, free_port, http_ok, service, service_env, vllm_serve
 
 
@@ -98,9 +109,10 @@ def run_vllm_serve(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, A
     return {"server": {"start_seconds": round(proc.started_in or 0, 1), "rss": memory}, "runs": runs}
 
 
-def run_ours(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
+def run_ours(plan: Plan, files: dict[str, Path], out: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Ours with the plan's slots loaded and the cache on: throughput (cache bypassed per request),
-    then the plan's other parts: head-of-line, cache hits, coalescing, LiteLLM in front of it."""
+    then the plan's other parts: head-of-line, cache hits, coalescing, a flood, LiteLLM in front of it.
+    `only`: these parts alone ("runs" is throughput; empty: all)."""
     redis = Redis(out).launch()
     port = free_port()
     proc, base_url = service("ours", service_env(port, redis.port, ",".join(plan.preload()), 0.35, True), out)
@@ -108,15 +120,18 @@ def run_ours(plan: Plan, files: dict[str, Path], out: Path) -> dict[str, Any]:
     try:
         proc.start(http_ok(base_url + "/health/ready"))
         targets = throughput.http_targets(plan, files, "ours", base_url, True, (throughput.NO_CACHE,))
-        guarded(result, "runs", lambda: asyncio.run(throughput.drive(targets, out / "client.log")))
+        if not only or "runs" in only:
+            guarded(result, "runs", lambda: asyncio.run(throughput.drive(targets, out / "client.log")))
         parts = {
             "head_of_line": lambda: latency.head_of_line(plan, base_url),
             "cache": lambda: cache_hits.ours(plan, base_url),
             "coalescing": lambda: cache_hits.coalescing(plan, base_url),
+            "flood": lambda: flood.ours(base_url),
             "litellm": lambda: run_litellm(plan, base_url, redis.port, out),
         }
         for part in plan.ours_parts:
-            guarded(result, part, parts[part])
+            if not only or part in only:
+                guarded(result, part, parts[part])
     finally:
         memory = proc.stop()
         redis.stop()
@@ -150,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     form.add_argument("--quick", action="store_true", help="fewer prompts and levels (minutes)")
     form.add_argument("--smoke", action="store_true", help="one request per setting (the test suite's form)")
     parser.add_argument("--only", default="", help=f"comma list of {', '.join(SECTIONS)} (default: the form's)")
+    parser.add_argument(
+        "--parts", default="", help=f"ours: comma list of runs (throughput), {', '.join(OURS_PARTS)} (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     parser.add_argument(
         "--into", type=Path, default=None, help="an earlier run's folder: re-run --only's sections into its results"
@@ -175,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if "vllm-serve" in only:
         guarded(results, "vllm-serve", lambda: run_vllm_serve(plan, files, out))
     if "ours" in only:
-        guarded(results, "ours", lambda: run_ours(plan, files, out))
+        parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+        guarded(results, "ours", lambda: run_ours(plan, files, out, parts))
     if "swap" in only:
         guarded(results, "swap", lambda: run_swap(plan, out))
     results["meta"]["wall_seconds"] = round(time.perf_counter() - began, 1)

@@ -38,7 +38,7 @@ class Workload:
 
 SECTIONS = ("bare", "vllm-serve", "ours", "swap")
 # What the `ours` section measures besides throughput.
-OURS_PARTS = ("head_of_line", "cache", "coalescing", "litellm")
+OURS_PARTS = ("head_of_line", "cache", "coalescing", "flood", "litellm")
 
 
 @dataclass(frozen=True)

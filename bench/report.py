@@ -135,15 +135,55 @@ def _cache_series(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 def cache_table(results: dict[str, Any]) -> list[str]:
     series, ours, litellm = _cache_series(results)
+    floor = {lv["concurrency"]: lv for lv in ours.get("health_live") or []}
+    proxy = {lv["concurrency"]: lv for lv in litellm.get("chat_hit") or []}
+
+    def per(table: dict[int, Any], lv: dict[str, Any]) -> str:
+        value = ratio(lv, table.get(lv["concurrency"]), "requests_per_second")
+        return "-" if value is None else f"{value:.2f}"
+
     rows = [
-        [name, lv["concurrency"], lv["requests"], lv["failed"], lv["requests_per_second"], lv["p50_ms"], lv["p99_ms"]]
+        [name, lv["concurrency"], lv["requests"], lv["failed"], lv["requests_per_second"], lv["p50_ms"], lv["p99_ms"],
+         per(floor, lv), per(proxy, lv)]
         for name, levels in series.items()
         for lv in levels
     ]
-    lines = _table(["endpoint", "c", "requests", "failed", "req/s", "p50 ms", "p99 ms"], rows)
+    lines = _table(["endpoint", "c", "requests", "failed", "req/s", "p50 ms", "p99 ms", "÷ /health/live", "÷ LiteLLM"],
+                   rows)
     for label, section in (("ours", ours), ("LiteLLM", litellm)):
         if "error" in section:
             lines += [f"{label}: failed: {section['error']}", ""]
+    return lines
+
+
+def flood_lines(flood: dict[str, Any]) -> list[str]:
+    """The flood (bench/flood.py): the excess refused at once, the admitted served, liveness throughout."""
+    if not flood:
+        return []
+    if "error" in flood:
+        return ["## Flood", "", f"failed: {flood['error']}", ""]
+    refusal, live = flood["refusal"], flood["live"]
+    lines = [
+        "## Flood",
+        "",
+        f"{flood['sent']} requests (20 x the {flood['at_once']} that run at once, {flood['max_tokens']} tokens "
+        f"reserved each, `X-Request-Timeout: {flood['request_timeout_seconds']:g}`) sent at once, one connection "
+        f"each; statuses {flood['statuses']}, {flood['ended']} of {flood['sent']} ended; "
+        f"{flood['refused_with_retry_after']} of {flood['refused']} 429s carry Retry-After. Client-measured ms:",
+        "",
+    ]
+    rows = [
+        ["429 (refused)", flood["refused"], refusal["p50_ms"], refusal["p99_ms"], refusal["max_ms"]],
+        ["/health/live meanwhile", f"{live['ok']}/{live['probes']} ok", live["p50_ms"], live["p99_ms"],
+         live["max_ms"]],
+    ]
+    burst = flood.get("live_burst")
+    if burst:
+        rows.append(["as many /health/live at once (the floor)", f"{burst['ok']}/{burst['sent']} ok",
+                     burst["p50_ms"], burst["p99_ms"], burst["max_ms"]])
+    lines += _table(["", "count", "p50 ms", "p99 ms", "max ms"], rows)
+    lines += [f"Served: {flood['served']} (slowest {flood['served_seconds_max']} s); all ended in "
+              f"{flood['wall_seconds']} s.", ""]
     return lines
 
 
@@ -258,6 +298,7 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
             f"{co['wall_seconds']} s for all against {co['one_uncached_request_seconds']} s for one uncached request.",
             "",
         ]
+    lines += flood_lines(ours.get("flood") or {})
     swap = results.get("swap") or {}
     bare = (results.get("bare") or {}).get("server") or {}
     if swap and "error" not in swap:

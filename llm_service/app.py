@@ -17,6 +17,7 @@ from llm_service.admission import AdmissionController, AdmissionLimits, Admissio
 from llm_service.api import admin, embeddings, generate, health, openai, rerank
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
+from llm_service.api.fast_path import FastPath
 from llm_service.api_keys import ApiKeys
 from llm_service.cache import CachePolicy
 from llm_service.cache_local import build_cache
@@ -200,6 +201,9 @@ def create_app(settings: Settings, backend: EngineBackend | None = None) -> Fast
     app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.app.max_body_bytes, drain=drain)
+    # Memory-tier hits and admission's refusals are answered before the guard and the router.
+    fast_routes = {"/generate": generate.FAST_ROUTE, "/v1/chat/completions": openai.CHAT_FAST_ROUTE}
+    app.add_middleware(FastPath, routes=fast_routes, max_body_bytes=settings.app.max_body_bytes, drain=drain)
     app.add_middleware(
         RequestAccounting, paths=generation_paths([generate.router, openai.router, embeddings.router, rerank.router]),
     )

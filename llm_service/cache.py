@@ -270,6 +270,10 @@ class ResponseCache(Protocol):
         """The entry under `key`, or None (absent, unreadable, or the store is unavailable).
         `model` (the slot) labels the error metrics."""
 
+    def peek(self, key: str, model: str = "") -> CachedResponse | None:
+        """The entry under `key` if this replica holds it in memory (no I/O, nothing awaited),
+        counted as a memory-tier hit; None otherwise, and nothing counted (`get` looks further)."""
+
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         """Store `entry` for `ttl` seconds; False when it was not stored."""
 
@@ -297,6 +301,9 @@ class NoCache:
     """The cache when LLM_CACHE_ENABLED=false: nothing is read or stored."""
 
     async def get(self, key: str, model: str = "") -> CachedResponse | None:
+        return None
+
+    def peek(self, key: str, model: str = "") -> CachedResponse | None:
         return None
 
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
@@ -411,6 +418,9 @@ class RedisCache:
     async def get(self, key: str, model: str = "") -> CachedResponse | None:
         data = await self._call("get", lambda: self._client.get(key), model)
         return None if data is None else self._decode(key, data, model)
+
+    def peek(self, key: str, model: str = "") -> CachedResponse | None:
+        return None  # Redis alone holds nothing in this process
 
     async def get_with_ttl(self, key: str, model: str = "") -> tuple[CachedResponse, int, float] | None:
         """The entry under `key`, its encoded size and the seconds it has left, in one round trip."""

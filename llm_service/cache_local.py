@@ -118,9 +118,8 @@ class TieredCache:
 
     async def get(self, key: str, model: str = "") -> CachedResponse | None:
         if self._subscribed:
-            entry = self.local.get(key)
+            entry = self.peek(key, model)
             if entry is not None:
-                self._metrics.cache_local_hits.labels(model=model).inc()
                 return entry
             self._metrics.cache_local_misses.labels(model=model).inc()
         found = await self.redis.get_with_ttl(key, model)
@@ -129,6 +128,14 @@ class TieredCache:
         entry, size, ttl = found
         if self._subscribed:
             self.local.put(key, entry, size, min(ttl, self.max_age), model)
+        return entry
+
+    def peek(self, key: str, model: str = "") -> CachedResponse | None:
+        if not self._subscribed:  # a purge may have been missed: the local tier is not read
+            return None
+        entry = self.local.get(key)
+        if entry is not None:
+            self._metrics.cache_local_hits.labels(model=model).inc()
         return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:

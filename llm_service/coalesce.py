@@ -187,6 +187,16 @@ class Coalescer:
             return self._join(flight, plan)
         return self._read(self._start(plan, slot, model_id, open_engine, shared=True), "miss")
 
+    def memory_hit(self, plan: CachePlan, slot: str) -> CachedResponse | None:
+        """The entry of `plan`'s key when this replica holds it in memory, counted as a hit and
+        found without awaiting anything; None (nothing counted) when `serve` has to decide."""
+        if not plan.read or self._joinable(plan.key) is not None:
+            return None
+        entry = self.cache.peek(plan.key, model=slot)
+        if entry is not None:
+            self.metrics.cache_hits.labels(model=slot).inc()
+        return entry
+
     async def close(self) -> None:
         """Abort every generation still running (at shutdown)."""
         for task in list(self._running):

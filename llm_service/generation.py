@@ -19,6 +19,7 @@ import structlog
 from llm_service.admission import AdmissionController, Work
 from llm_service.cache import CachePlan
 from llm_service.cache_control import CacheControl
+from llm_service.cache_local import MEMORY
 from llm_service.coalesce import Coalescer
 from llm_service.deadlines import before_deadline, deadline_passed
 from llm_service.engines.base import (
@@ -34,9 +35,9 @@ from llm_service.engines.base import (
     ToolCallDelta,
 )
 from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, outcome_of, to_service_error
-from llm_service.images import NO_IMAGES, RequestImages, inspect_images
+from llm_service.images import NO_IMAGES, RequestImages, find_images, inspect_images
 from llm_service.metrics import Metrics
-from llm_service.registry import ModelRegistry
+from llm_service.registry import ModelRegistry, Slot
 from llm_service.request_record import RequestRecord
 from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
 
@@ -206,6 +207,13 @@ class GenerationStream:
     def __aiter__(self) -> AsyncIterator[GenerationDelta]:
         return self._iterate()
 
+    async def finish(self, deltas: list[GenerationDelta]) -> None:
+        """Complete the stream from deltas already at hand (a memory-tier hit) and close it."""
+        for delta in deltas:
+            self._record(delta)
+        self._outcome = "success"
+        await self.aclose()
+
     async def _iterate(self) -> AsyncIterator[GenerationDelta]:
         try:
             if self._first is not None:
@@ -324,10 +332,57 @@ class GenerationService:
 
     async def _open(self, spec: GenerationSpec, slot_name: str) -> GenerationStream:
         slot = self.registry.slot(slot_name)
-        if slot.config.kind != "generate":
-            kind = slot.config.kind
-            raise InvalidRequest(f"model {slot.name!r} is a {kind} model, it does not generate", param="model")
+        _check_kind(slot)
         images = await inspect_images(spec.messages, spec.images, slot.config.images)
+        stream = self._stream(spec, slot, images)
+        # The key needs only the request and the slot's configuration: a hit loads no model.
+        coalescer = self.coalescer
+        plan = self._plan(spec, slot, images)
+        if coalescer is None or plan is None:
+            return await self._opened(stream, self._start(stream, spec))
+        return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
+
+    async def answer_now(self, spec: GenerationSpec, hit: bool = True) -> GenerationResult | None:
+        """What can be decided for a request at once, awaiting nothing: its answer from this
+        replica's memory tier, or its refusal by admission (raises Overloaded, 429) when it will
+        need the engine. None when neither: nothing was counted or traced, serve it with `open`
+        or `complete` (an unknown slot, images, a miss that Redis or an identical generation in
+        flight may answer, a request admission lets wait: its least work is then reserved in
+        `spec.record.reservation` for the route's admit to adopt; release it if it never does).
+        `hit` False: a cacheable request is not answered here at all (a stream, which its route
+        renders)."""
+        try:
+            slot = self.registry.find(spec.slot)
+        except ServiceError:
+            return None
+        if slot.config.kind != "generate" or spec.images or find_images(spec.messages):
+            return None
+        plan = self._plan(spec, slot, NO_IMAGES)
+        if plan is not None and plan.read:
+            if not hit:
+                return None
+            entry = self.coalescer.memory_hit(plan, slot.name) if self.coalescer is not None else None
+            if entry is None:
+                return None
+            spec.record.slot = slot.name
+            stream = self._stream(spec, slot, NO_IMAGES)
+            stream.result.cached, stream.result.cache_tier, stream.cache_status = True, MEMORY, "hit"
+            stream.result.prompt = entry.prompt
+            await stream.finish(entry.deltas())
+            return stream.result
+        if self.admission is None:
+            return None
+        least = self._least_work(slot.name, spec.sampling)
+        try:
+            # Held until the route's admit adopts it: requests of a burst decided meanwhile count it.
+            spec.record.reservation = self.admission.reserve(slot.name, least, spec.deadline)
+        except ServiceError as exc:
+            spec.record.slot = slot.name
+            await self._opened(self._stream(spec, slot, NO_IMAGES), _raise(exc))
+        return None
+
+    def _stream(self, spec: GenerationSpec, slot: Slot, images: RequestImages) -> GenerationStream:
+        """The request's stream, its result and its trace (started)."""
         result = GenerationResult(spec.request_id, slot.name, slot.config.model_id, prompt="", choices=[])
         trace = self.tracer.start(
             request_id=spec.request_id,
@@ -340,18 +395,16 @@ class GenerationService:
         if spec.adapter is not None:
             self.metrics.adapter_requests.labels(model=slot.name, adapter=spec.adapter).inc()
         result.trace_id = trace.trace_id
-        stream = GenerationStream(self, result, trace, spec.record, deadline=spec.deadline)
-        # The key needs only the request and the slot's configuration: a hit loads no model.
-        coalescer = self.coalescer
-        plan = None
-        if coalescer is not None and images.cacheable:
-            plan = coalescer.policy.plan(
-                spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
-                extra=_key_extra(spec, images, self._slot_key_material(slot.config.chat)),
-            )
-        if coalescer is None or plan is None:
-            return await self._opened(stream, self._start(stream, spec))
-        return await self._opened(stream, self._serve(stream, spec, coalescer, plan))
+        return GenerationStream(self, result, trace, spec.record, deadline=spec.deadline)
+
+    def _plan(self, spec: GenerationSpec, slot: Slot, images: RequestImages) -> CachePlan | None:
+        """How the cache takes part in the request (None: it does not)."""
+        if self.coalescer is None or not images.cacheable:
+            return None
+        return self.coalescer.policy.plan(
+            spec.cache, spec.sampling, spec.prompt, images.summarised_messages or spec.messages, slot.config,
+            extra=_key_extra(spec, images, self._slot_key_material(slot.config.chat)),
+        )
 
     async def _serve(
         self, stream: GenerationStream, spec: GenerationSpec, coalescer: Coalescer, plan: CachePlan
@@ -380,8 +433,9 @@ class GenerationService:
         slot = stream.result.slot
         admission = None
         if self.admission is not None:  # refused at once (429) past a count bound, or by its least work
-            admission = await stream.enter(self.admission.admit(slot, self._least_work(slot, spec.sampling),
-                                                                spec.deadline))
+            admission = await stream.enter(self.admission.admit(
+                slot, self._least_work(slot, spec.sampling), spec.deadline, spec.record.reservation
+            ))
         engine = await stream.enter(self.registry.acquire(slot))
         try:
             rendered = await engine.render(spec.prompt_input())
@@ -462,6 +516,16 @@ class GenerationService:
             ttft=_round(result.time_to_first_token),
             seconds=_round(result.total_time),
         )
+
+
+def _check_kind(slot: Slot) -> None:
+    if slot.config.kind != "generate":
+        kind = slot.config.kind
+        raise InvalidRequest(f"model {slot.name!r} is a {kind} model, it does not generate", param="model")
+
+
+async def _raise(error: BaseException) -> None:
+    raise error
 
 
 def _trace_input(spec: GenerationSpec, images: RequestImages) -> Any:

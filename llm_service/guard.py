@@ -90,16 +90,13 @@ class RequestGuard:
     async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Run the app on the buffered body; cancel it if the client disconnects first."""
         disconnected = asyncio.Event()
-        replayed = False
         complete = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def disconnect() -> Message:
             await disconnected.wait()
             return {"type": "http.disconnect"}
+
+        replay = replaying(body, disconnect)
 
         async def send_tracked(message: Message) -> None:
             nonlocal complete
@@ -137,6 +134,20 @@ class RequestGuard:
     async def _refuse(scope: Scope, send: Send, error: ServiceError) -> None:
         response = error_response(error, renderer_for_path(scope.get("path", "")))
         await response(scope, _no_receive, send)
+
+
+def replaying(body: bytes, then: Receive) -> Receive:
+    """A receive() that gives the buffered `body` as one message, then what `then` gives."""
+    replayed = False
+
+    async def receive() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
 
 
 async def _no_receive() -> Message:

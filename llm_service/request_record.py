@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llm_service.admission import Reservation
+
 
 @dataclass
 class RequestRecord:
@@ -11,6 +13,8 @@ class RequestRecord:
 
     slot: str | None = None  # the slot it named, once known
     failure: int | None = None  # status of an error that ended it after the response began (in-band)
+    # Work admission holds for it since the fast path let it through, until its route's admit adopts it.
+    reservation: Reservation | None = None
 
     def failed(self, status_code: int) -> None:
         self.failure = status_code

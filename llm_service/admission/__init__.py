@@ -1,6 +1,6 @@
 """Admission control: whom to admit (policy.py) and the per-slot counts and work it decides on (controller.py)."""
 
-from llm_service.admission.controller import Admission, AdmissionController, DrainMeter
+from llm_service.admission.controller import Admission, AdmissionController, DrainMeter, Reservation
 from llm_service.admission.policy import (
     RETRY_AFTER_SECONDS,
     AdmissionLimits,
@@ -22,6 +22,7 @@ __all__ = [
     "DrainMeter",
     "DrainRate",
     "Refusal",
+    "Reservation",
     "SlotLoad",
     "Work",
     "queue_seconds",

@@ -136,21 +136,37 @@ class AdmissionController:
             }
         return figures
 
+    def reserve(self, slot: str, least: Work, deadline: float | None = None) -> Reservation:
+        """Decide on arrival as `admit` does (raise Overloaded, 429) and hold `least` for the request
+        until `admit` adopts the reservation or it is released: a burst decided before the routes
+        counts every request let through ahead of it."""
+        self.check(slot, least, deadline)
+        return Reservation(self, slot, self._hold(slot, least))
+
+    def _hold(self, slot: str, least: Work) -> int:
+        key = next(self._ids)
+        self._slots[slot].held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
+        self._publish(slot)
+        return key
+
+    def _release(self, slot: str, key: int) -> None:
+        if self._slots[slot].held.pop(key, None) is not None:
+            self._publish(slot)
+
     @contextlib.asynccontextmanager
-    async def admit(self, slot: str, least: Work, deadline: float | None = None) -> AsyncIterator[Admission]:
+    async def admit(
+        self, slot: str, least: Work, deadline: float | None = None, reservation: Reservation | None = None
+    ) -> AsyncIterator[Admission]:
         """Admit a request to wait for `slot`'s engine until the context exits, or raise Overloaded
         (429) at once: past a count bound, or when even `least` (a lower bound of its work, known
         before the engine renders it) could not start before `deadline` (event-loop time; None:
-        none). `Admission.start` then decides on its exact work."""
-        loads = self.loads()
-        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
-        if refusal is None:
-            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
-        self._refuse(slot, refusal)
+        none). A `reservation` of the slot still held is the request's admission already.
+        `Admission.start` then decides on its exact work."""
         state = self._slots[slot]
-        key = next(self._ids)
-        state.held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
-        self._publish(slot)
+        key = reservation.adopt(slot) if reservation is not None else None
+        if key is None:
+            self.check(slot, least, deadline)
+            key = self._hold(slot, least)
         try:
             yield Admission(self, slot, key)
         finally:
@@ -160,6 +176,15 @@ class AdmissionController:
                 state.drain.tick(self._clock(), busy)
                 state.drain.release(held.work)
             self._publish(slot)
+
+    def check(self, slot: str, least: Work, deadline: float | None = None) -> None:
+        """Raise Overloaded (429) when `admit` would refuse a request of at least `least` work now;
+        reserves nothing. Cheap and synchronous: the fast path asks it before anything else."""
+        loads = self.loads()
+        refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
+        if refusal is None:
+            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
+        self._refuse(slot, refusal)
 
     def _refuse(self, slot: str, refusal: Refusal | None) -> None:
         if refusal is not None:
@@ -184,6 +209,29 @@ class AdmissionController:
 
 def _seconds_left(deadline: float | None) -> float:
     return math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
+
+
+class Reservation:
+    """Work held for a request decided on arrival, until `admit` adopts it or `release` drops it."""
+
+    def __init__(self, controller: AdmissionController, slot: str, key: int) -> None:
+        self._controller = controller
+        self.slot = slot
+        self._key: int | None = key
+
+    def adopt(self, slot: str) -> int | None:
+        """The held work's key for `admit` on `slot` (None: released, adopted, or another slot)."""
+        key, self._key = self._key, None
+        if key is not None and slot != self.slot:
+            self._controller._release(self.slot, key)
+            return None
+        return key
+
+    def release(self) -> None:
+        """Drop the held work unless `admit` adopted it (the request never reached the engine)."""
+        key, self._key = self._key, None
+        if key is not None:
+            self._controller._release(self.slot, key)
 
 
 class Admission:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
+from llm_service.api.fast_path import FastRoute
 from llm_service.api.responses import GENERATION_STATUSES, ErrorEnvelope, error_responses, streaming_response
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.api.timeouts import RequestTimeoutDep
@@ -103,6 +104,14 @@ async def sse_events(stream: GenerationStream) -> AsyncIterator[bytes]:
     final = body_of(stream.result)
     final.pop("text")
     yield sse({"type": "done", **final})
+
+
+def _rendered(result: GenerationResult, body: GenerateRequest) -> dict[str, Any]:
+    return body_of(result)
+
+
+# /generate as the fast path answers it (memory-tier hits, refusals): the same spec and body.
+FAST_ROUTE = FastRoute(GenerateRequest, spec_from_request, _rendered)
 
 
 @router.post(

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from llm_service.api.deps import GenerationDep, RegistryDep, RequestIdDep, RequestRecordDep, ResourcesDep
 from llm_service.api.fanout import MergedStreams, complete_all, merged_headers, open_all
+from llm_service.api.fast_path import FastRoute
 from llm_service.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -379,6 +380,14 @@ async def completion_chunks(
         return
     async for data in out.end([s.result for s in streams]):
         yield data
+
+
+def _chat_rendered(result: GenerationResult, body: ChatCompletionRequest) -> dict[str, Any]:
+    return chat_response(result, body, int(time.time()))
+
+
+# /v1/chat/completions as the fast path answers it (memory-tier hits, refusals).
+CHAT_FAST_ROUTE = FastRoute(ChatCompletionRequest, chat_spec, _chat_rendered)
 
 
 # --- endpoints -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fastapi import Depends, Header
 
 from llm_service.api.deps import SettingsDep
 from llm_service.errors import InvalidRequest
+from llm_service.settings import LLMSettings
 
 HEADER = "X-Request-Timeout"
 
@@ -46,7 +47,11 @@ async def request_timeout(
                "past it the client gets 504. At most LLM_MAX_REQUEST_TIMEOUT_SECONDS."),
     ] = None,
 ) -> RequestTimeout:
-    llm = settings.llm
+    return timeout_of(x_request_timeout, settings.llm)
+
+
+def timeout_of(x_request_timeout: str | None, llm: LLMSettings) -> RequestTimeout:
+    """The request's timeout from its X-Request-Timeout header (InvalidRequest when malformed)."""
     header: float | None = None
     if x_request_timeout is not None:
         try:

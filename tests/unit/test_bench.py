@@ -140,3 +140,21 @@ def test_report_keeps_hand_written_notes_and_shows_failures(tmp_path: Path) -> N
     assert "![throughput-short-chat.png](plots/throughput-short-chat.png)" in text
     assert (tmp_path / "plots" / "throughput-short-chat.png").stat().st_size > 0
     assert (tmp_path / "plots" / "cache-hits.png").exists()
+
+
+def test_the_cache_table_gives_hits_against_the_floor_and_litellm_and_the_flood_its_section() -> None:
+    def level(c: int, rps: float) -> dict[str, Any]:
+        return {"concurrency": c, "requests": 10, "failed": 0, "requests_per_second": rps, "p50_ms": 1, "p99_ms": 2}
+
+    cache = {"health_live": [level(1, 1000.0)], "generate_hit": [level(1, 520.0)]}
+    lines = report.cache_table({"ours": {"cache": cache, "litellm": {"chat_hit": [level(1, 50.0)]}}})
+    (hit,) = [line for line in lines if line.startswith("| ours /generate hit")]
+    assert hit.endswith("| 0.52 | 10.40 |")
+    ms = {"p50_ms": 0.3, "p99_ms": 1.6, "max_ms": 2.0}
+    flood = {"sent": 140, "at_once": 7, "max_tokens": 512, "request_timeout_seconds": 10.0, "ended": 140,
+             "statuses": {"200": 30, "429": 110}, "refused_with_retry_after": 110, "refused": 110, "served": 30,
+             "refusal": ms, "live": {"ok": 5, "probes": 5, **ms}, "live_burst": {"ok": 140, "sent": 140, **ms},
+             "served_seconds_max": 4.0, "wall_seconds": 5.0}
+    text = "\n".join(report.flood_lines(flood))
+    assert "## Flood" in text and "110 of 110 429s carry Retry-After" in text and "the floor" in text
+    assert report.flood_lines({}) == []

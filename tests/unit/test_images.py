@@ -170,6 +170,9 @@ class MemoryCache:
     async def get(self, key: str, model: str = "") -> CachedResponse | None:
         return self.entries.get(key)
 
+    def peek(self, key: str, model: str = "") -> CachedResponse | None:
+        return None
+
     async def set(self, key: str, entry: CachedResponse, ttl: int, model: str = "") -> bool:
         self.entries[key] = entry
         return True

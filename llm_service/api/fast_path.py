@@ -1,0 +1,124 @@
+"""The fast path of the generation routes: what is decided at once, before FastAPI's routing.
+
+Two kinds of request cost almost nothing to answer and are most of the traffic when it matters:
+a hit in this replica's memory tier (repeated questions), and a request admission refuses (a
+flood). Through FastAPI's router, dependencies and the request guard's task each spent
+several times what its answer costs (bench/hit_path.py, bench/flood.py). This middleware
+validates the body with the route's own model, builds the route's own GenerationSpec and asks
+`GenerationService.answer_now`; a request it cannot answer at once (anything else, and
+anything malformed, unauthorised or streamed from the cache) goes on unchanged to the routes,
+which answer exactly as before. Nothing is counted or traced twice: `answer_now` counts only
+what it answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llm_service.api.deps import Resources
+from llm_service.api.timeouts import timeout_of
+from llm_service.drain import Drain
+from llm_service.errors import ServiceError, error_response, renderer_for_path
+from llm_service.generation import GenerationResult, GenerationSpec
+from llm_service.guard import replaying
+from llm_service.request_metrics import record_of
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """A generation route as the fast path sees it: its body model, how the route turns a body
+    into a spec (body, request id, Cache-Control header, deadline), and how it renders a result."""
+
+    model: type[BaseModel]
+    spec: Callable[[Any, str, str | None, float], GenerationSpec]
+    render: Callable[[GenerationResult, Any], dict[str, Any]]
+
+
+class FastPath:
+    """ASGI middleware in front of the request guard for the routes in `routes` (POST)."""
+
+    def __init__(self, app: ASGIApp, routes: Mapping[str, FastRoute], max_body_bytes: int, drain: Drain) -> None:
+        self.app = app
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        resources: Resources | None = getattr(scope["app"].state, "resources", None)
+        if route is None or resources is None or self.drain.draining:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if not length.isdigit() or int(length) > self.max_body_bytes:  # the guard answers (413, chunked)
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left: nobody to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            response = await _answer_now(route, resources, scope, headers, body)
+        except ServiceError as exc:  # counted and traced by answer_now
+            response = error_response(exc, renderer_for_path(scope["path"]))
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, replaying(body, receive), send)
+        finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)
+            reservation = record_of(scope).reservation
+            if reservation is not None:
+                reservation.release()
+
+
+async def _answer_now(
+    route: FastRoute, resources: Resources, scope: Scope, headers: dict[bytes, bytes], body: bytes
+) -> Response | None:
+    """The response when the request is answered at once; None to let the route serve it."""
+    if not _authorised(resources, headers):
+        return None
+    try:
+        parsed = route.model.model_validate(json.loads(body))
+        timeout = timeout_of(_header(headers, b"x-request-timeout"), resources.settings.llm)
+        request_id = scope["state"]["request_id"]
+        spec = route.spec(parsed, request_id, _header(headers, b"cache-control"),
+                          timeout.deadline(getattr(parsed, "timeout", None)))
+    except (ValueError, ValidationError, ServiceError, KeyError):
+        return None  # the route answers with its own error
+    spec = dataclasses.replace(spec, record=record_of(scope))
+    # A stream is never answered from the cache here (the route streams it); it may be refused.
+    stream = bool(getattr(parsed, "stream", False))
+    result = await resources.generation.answer_now(spec, hit=not stream)  # raises Overloaded
+    if result is None:
+        return None
+    return JSONResponse(route.render(result, parsed), headers=result.headers())
+
+
+def _authorised(resources: Resources, headers: dict[bytes, bytes]) -> bool:
+    keys = resources.api_keys
+    if not keys.required:
+        return True
+    if keys.accepts(_header(headers, b"x-api-key")):
+        return True
+    scheme, _, credentials = (_header(headers, b"authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and keys.accepts(credentials)
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
