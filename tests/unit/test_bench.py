@@ -13,6 +13,7 @@ from bench import __main__ as bench_main
 from bench import ab, report, throughput
 from bench.dataset import write_prompts
 from bench.plan import FULL, QUICK, SMOKE, workload
+from bench.soak import slope
 
 AB_REPORT = """
 Complete requests:      2000
@@ -140,3 +141,16 @@ def test_report_keeps_hand_written_notes_and_shows_failures(tmp_path: Path) -> N
     assert "![throughput-short-chat.png](plots/throughput-short-chat.png)" in text
     assert (tmp_path / "plots" / "throughput-short-chat.png").stat().st_size > 0
     assert (tmp_path / "plots" / "cache-hits.png").exists()
+
+
+def test_soak_slope_tells_growth_from_noise_and_leaves_out_warm_up() -> None:
+    flat = [{"t": t, "fds": 180 + (t // 5) % 3} for t in range(0, 1800, 5)]
+    growing = [{"t": t, "fds": 180 + t / 60} for t in range(0, 1800, 5)]  # one more a minute
+    warming = [{"t": t, "fds": min(t, 300) / 2} for t in range(0, 1800, 5)]  # climbs for 5 minutes, then holds
+    last = {"t": 1800, "fds": 10_000, "after": True}  # sampled after the traffic stopped: left out
+    assert slope([*flat, last], "fds", 300)["grows"] is False
+    grown = slope(growing, "fds", 300)
+    assert grown["grows"] is True and abs(grown["slope_per_hour"] - 60) < 0.01
+    assert slope(warming, "fds", 0)["grows"] is True
+    assert slope(warming, "fds", 300)["grows"] is False
+    assert slope(flat[:2], "fds", 0) is None  # too few samples to fit
