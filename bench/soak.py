@@ -213,6 +213,7 @@ async def sample(client: httpx.AsyncClient, pid: int, redis_port: int, began: fl
         text = (await client.get("/metrics", timeout=10)).text
     except httpx.HTTPError as exc:
         row["live"] = type(exc).__name__
+        row["loaded"] = None
         return row
     tasks = metric_values(text, "llm_event_loop_tasks")
     usage = metric_values(text, "llm_engine_kv_cache_usage")
@@ -223,13 +224,19 @@ async def sample(client: httpx.AsyncClient, pid: int, redis_port: int, began: fl
     return row
 
 
+def in_steady_state(sample: dict[str, Any]) -> bool:
+    """Whether a sample shows the steady state: traffic running and `standard` serving alone. During
+    a swap the figures follow the engines (a process tree of one engine, none, or one loading)."""
+    return not sample.get("after") and sample.get("loaded", "standard") == "standard"
+
+
 def slope(samples: list[dict[str, Any]], key: str, warmup: float) -> dict[str, Any] | None:
-    """Least-squares slope (per hour) of one figure after warm-up (up to the end of the traffic), the
-    scatter around the line, and whether the fitted change over that window counts as growth (FIGURES)."""
+    """Least-squares slope (per hour) of one figure over the steady samples after warm-up, the scatter
+    around the line, and whether the fitted change over that window counts as growth (FIGURES)."""
     points = [
         (s["t"], float(s[key]))
         for s in samples
-        if s["t"] >= warmup and not s.get("after") and isinstance(s.get(key), int | float)
+        if s["t"] >= warmup and in_steady_state(s) and isinstance(s.get(key), int | float)
     ]
     if len(points) < 3:
         return None
@@ -264,11 +271,13 @@ def plot(samples: list[dict[str, Any]], warmup: float, path: Path) -> None:
     fig, axes = plt.subplots(len(FIGURES), 1, figsize=(9, 2.1 * len(FIGURES)), sharex=True)
     for ax, (key, (title, _)) in zip(axes, FIGURES.items(), strict=True):
         points = [(s["t"] / 60, s[key]) for s in samples if isinstance(s.get(key), int | float)]
-        ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1)
+        ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=0.6, color="lightgrey")
+        steady = [(s["t"] / 60, s[key]) for s in samples if in_steady_state(s) and isinstance(s.get(key), int | float)]
+        ax.plot([p[0] for p in steady], [p[1] for p in steady], ".", markersize=2)
         ax.axvline(warmup / 60, color="grey", linestyle=":", linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
-    axes[-1].set_xlabel("minutes (dotted: end of warm-up)")
+    axes[-1].set_xlabel("minutes (dots: steady samples, standard serving; grey: swaps; dotted: end of warm-up)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -327,9 +336,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         proc.stop()
         redis.stop()
-    samples = result["samples"]
     warmup = args.warmup_minutes * 60 if args.warmup_minutes is not None else min(300.0, args.minutes * 60 / 6)
-    summary = {
+    meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "minutes": args.minutes,
         "interval_seconds": args.interval,
@@ -337,18 +345,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_seconds": warmup,
         "wall_seconds": round(time.time() - began, 1),
         "responses": result["responses"],
-        "samples": len(samples),
-        "slopes": {key: slope(samples, key, warmup) for key in FIGURES},
         "results": str(out),
     }
+    return write(out, meta, result["samples"], args.plot)
+
+
+def write(out: Path, meta: dict[str, Any], samples: list[dict[str, Any]], plot_path: Path) -> dict[str, Any]:
+    """samples.csv, summary.json (the slopes) and the plot of one run."""
+    slopes = {key: slope(samples, key, meta["warmup_seconds"]) for key in FIGURES}
+    summary = {**meta, "samples": len(samples), "slopes": slopes}
     with (out / "samples.csv").open("w", newline="") as f:
         fields = sorted({key for s in samples for key in s}, key=lambda k: (k != "t", k))
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(samples)
     (out / "summary.json").write_text(json.dumps({**summary, "sample_rows": samples}, indent=1))
-    plot(samples, warmup, args.plot)
+    plot(samples, meta["warmup_seconds"], plot_path)
     return summary
+
+
+def rewrite(results: Path, plot_path: Path) -> dict[str, Any]:
+    """The slopes and the plot of an earlier run again, from its summary.json (after a change to them)."""
+    saved = json.loads((results / "summary.json").read_text())
+    samples = saved.pop("sample_rows")
+    meta = {k: v for k, v in saved.items() if k not in ("samples", "slopes")}
+    return write(results, meta, samples, plot_path)
 
 
 def main() -> None:
@@ -364,7 +385,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="directory for samples.csv and summary.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "plots" / "soak.png")
     parser.add_argument("--verbose", action="store_true", help="print every sample")
-    summary = run(parser.parse_args())
+    parser.add_argument(
+        "--rewrite", action="store_true", help="no run: the slopes and plot of --results' summary.json again"
+    )
+    args = parser.parse_args()
+    if args.rewrite and args.results is None:
+        parser.error("--rewrite needs --results")
+    summary = rewrite(args.results, args.plot) if args.rewrite else run(args)
     print(json.dumps(summary, indent=1))
 
 
