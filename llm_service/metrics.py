@@ -191,6 +191,17 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.engine_kv_cache_usage = Gauge(
+            "llm_engine_kv_cache_usage",
+            "Share (0-1) of the slot's KV cache in use at its engine's last step (read at scrape time).",
+            ["model"],
+            registry=r,
+        )
+        self.event_loop_tasks = Gauge(
+            "llm_event_loop_tasks",
+            "asyncio tasks alive in the API process (read at scrape time; a steady climb is a leak).",
+            registry=r,
+        )
         self.requests_timed_out = Counter(
             "llm_requests_timed_out", "Requests that passed their deadline (504).", ["model"], registry=r
         )
@@ -233,6 +244,7 @@ class Metrics:
             self.requests_waiting,
             self.requests_running,
             self.engine_requests,
+            self.engine_kv_cache_usage,
             self.requests_timed_out,
         ):
             collector.labels(model=slot)

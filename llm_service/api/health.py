@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -69,4 +70,7 @@ async def metrics(collectors: MetricsDep, registry: RegistryDep) -> Response:
     for name in registry.slot_names:  # the engines' own counts, read now
         engine = registry.slot(name).engine
         collectors.engine_requests.labels(model=name).set(engine.num_requests() if engine is not None else 0)
+        usage = engine.kv_cache_usage() if engine is not None else None
+        collectors.engine_kv_cache_usage.labels(model=name).set(usage or 0.0)
+    collectors.event_loop_tasks.set(len(asyncio.all_tasks()))
     return Response(collectors.render(), media_type=collectors.content_type)

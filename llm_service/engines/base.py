@@ -277,6 +277,10 @@ class Engine(Protocol):
     def num_requests(self) -> int:
         """Requests the engine itself holds right now (running or queued in it), by its own count."""
 
+    def kv_cache_usage(self) -> float | None:
+        """The share (0..1) of the engine's KV cache in use at its last step, by its own count (None: not
+        known yet, or the engine does not report it)."""
+
     def memory_footprint(self) -> int | None:
         """Bytes of its device the started engine was measured to hold right after its start (its
         processes' memory where NVML gives it per process, else the device's used memory after its

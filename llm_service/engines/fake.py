@@ -260,6 +260,10 @@ class FakeEngine:
     def num_requests(self) -> int:
         return len(self.running)
 
+    def kv_cache_usage(self) -> float | None:
+        """The batch's share in use (requests beyond it queue): a stand-in that rises and falls with the load."""
+        return min(len(self.running), self.max_num_seqs) / self.max_num_seqs if self.started else None
+
     def memory_footprint(self) -> int | None:
         return self.measured_bytes if self.started else None
 

@@ -214,20 +214,11 @@ def service_env(
     return base_env(**redis_env, **otlp_receiver.service_env())
 
 
-@pytest.fixture(scope="session")
-def service(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """The shared real service: standard preloaded, longctx and multimodal lazy."""
-    proc = ServiceProcess(service_env, tmp_path_factory.mktemp("service") / "service.log")
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="session")
-def retrieval_service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """A service with only the retrieval slots loaded (embedding and rerank on the demo models),
-    shared by the embeddings, rerank and docs tests: two engine starts per session, not per suite."""
-    env = base_env(
+def retrieval_env(redis_server: RedisServer) -> dict[str, str]:
+    """The retrieval service's environment: only the retrieval slots loaded (embedding and rerank on
+    the demo models). Its engines run on the second core: vLLM's CPU build binds every engine's
+    worker to core 0, so the two shared services start side by side instead of in turn."""
+    return base_env(
         **embedding_env(),
         **rerank_env(),
         REDIS_HOST="127.0.0.1",
@@ -235,11 +226,85 @@ def retrieval_service(redis_server: RedisServer, tmp_path_factory: pytest.TempPa
         LLM_PRELOAD_MODELS="embedding,rerank",
         LLM_EMBEDDING_MAX_INPUTS="128",
         LLM_RERANK_MAX_DOCUMENTS="64",
+        VLLM_CPU_OMP_THREADS_BIND="1" if (os.cpu_count() or 1) > 1 else "auto",
     )
-    proc = ServiceProcess(env, tmp_path_factory.mktemp("retrieval") / "service.log")
+
+
+@pytest.fixture(scope="session")
+def shared_services(
+    request: pytest.FixtureRequest,
+    service_env: dict[str, str],
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, ServiceProcess]]:
+    """The session's shared services that the collected tests use, started side by side (each
+    fixture below waits for its own readiness). A service added here is started with the others."""
+    envs = {"service": lambda: service_env, "retrieval_service": lambda: retrieval_env(redis_server)}
+    needed = {name for item in request.session.items for name in envs if name in getattr(item, "fixturenames", ())}
+    started = {}
+    try:
+        for name in sorted(needed):
+            proc = ServiceProcess(envs[name](), tmp_path_factory.mktemp(name) / "service.log")
+            proc.start(ready=False)
+            started[name] = proc
+        yield started
+    finally:
+        for proc in started.values():
+            proc.stop()
+
+
+def shared_service(shared_services: dict[str, ServiceProcess], name: str) -> ServiceProcess:
+    proc = shared_services.get(name)
+    if proc is None:
+        pytest.fail(f"{name} was not started: no collected test asked for it")
+    proc.wait("/health/ready")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def service(shared_services: dict[str, ServiceProcess]) -> ServiceProcess:
+    """The shared real service: standard preloaded, longctx and multimodal lazy."""
+    return shared_service(shared_services, "service")
+
+
+@pytest.fixture(scope="session")
+def retrieval_service(shared_services: dict[str, ServiceProcess]) -> ServiceProcess:
+    """A service with only the retrieval slots loaded (embedding and rerank on the demo models),
+    shared by the embeddings, rerank and docs tests: two engine starts per session, not per suite."""
+    return shared_service(shared_services, "retrieval_service")
+
+
+@pytest.fixture(scope="session")
+def faulty_slots_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A service for fault tests, shared by their modules (and stopped after its last test):
+    standard preloaded, no cache, a failed slot loaded again after 5 s, and a multimodal slot whose
+    share (0.9) is more than the whole budget (0.45), so it can never load."""
+    env = base_env(LLM_LOAD_RETRY_SECONDS="5", LLM_CACHE_ENABLED="false", LLM_MEMORY_SHARE_MULTIMODAL="0.9")
+    proc = ServiceProcess(env, tmp_path_factory.mktemp("faulty") / "service.log")
     proc.start()
     yield proc
     proc.stop()
+
+
+# Session servers that are stopped right after the last test that uses them (by the order of the
+# collected tests), not at the end of the session: they are shared between modules but hold an
+# engine's memory only while needed. Each is a fixture yielding a ServiceProcess.
+STOPPED_AFTER_LAST_USE = ("faulty_slots_service",)
+_LAST_USERS = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    last = {}
+    for item in session.items:  # in the order they run: the last user of each server wins
+        last |= {name: item.nodeid for name in STOPPED_AFTER_LAST_USE if name in getattr(item, "fixturenames", ())}
+    session.config.stash[_LAST_USERS] = last
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for name, nodeid in item.config.stash.get(_LAST_USERS, {}).items():
+        server = getattr(item, "funcargs", {}).get(name)
+        if nodeid == item.nodeid and isinstance(server, ServiceProcess):
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,21 +14,15 @@ import pytest
 
 from tests.metrics_text import metric
 
-from .conftest import READY_TIMEOUT, ServiceProcess, base_env, wait_for
+from .conftest import READY_TIMEOUT, ServiceProcess, wait_for
 
 STREAM = {"model": "standard", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 400, "stream": True}
 
 
 @pytest.fixture(scope="module")
-def dying_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def dying_service(faulty_slots_service: ServiceProcess) -> ServiceProcess:
     """standard preloaded; a failed slot is loaded again after 5 s."""
-    env = base_env(LLM_LOAD_RETRY_SECONDS="5", LLM_CACHE_ENABLED="false")
-    proc = ServiceProcess(env, tmp_path_factory.mktemp("death") / "service.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+    return faulty_slots_service
 
 
 def engine_cores(service: ServiceProcess) -> list[psutil.Process]:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import ServiceProcess, base_env
+from .conftest import ServiceProcess
 
 
 @pytest.fixture(scope="module")
-def overfull(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def overfull(faulty_slots_service: ServiceProcess) -> ServiceProcess:
     # multimodal's share (0.9) is more than the whole budget (0.45): the registry used to raise at
     # start, and the process exited before serving anything.
-    env = base_env(LLM_MEMORY_SHARE_MULTIMODAL="0.9", LLM_CACHE_ENABLED="false")
-    proc = ServiceProcess(env, tmp_path_factory.mktemp("sizing") / "service.log")
-    proc.start()
-    yield proc
-    proc.stop()
+    return faulty_slots_service
 
 
 def test_the_other_slots_serve_and_the_unfit_one_says_why(overfull: ServiceProcess) -> None:

@@ -244,10 +244,14 @@ async def test_waiting_and_running_gauges_follow_the_engine_batch():
         assert metric(text, "llm_requests_running", model="standard") == 2
         assert metric(text, "llm_requests_waiting", model="standard") == 1
         assert metric(text, "llm_engine_requests", model="standard") == 3
+        assert metric(text, "llm_engine_kv_cache_usage", model="standard") == 1.0
+        busy_tasks = metric(text, "llm_event_loop_tasks")
         await asyncio.gather(*tasks)
         text = (await client.get("/metrics")).text
         assert metric(text, "llm_requests_running", model="standard") == 0
         assert metric(text, "llm_requests_waiting", model="standard") == 0
+        assert metric(text, "llm_engine_kv_cache_usage", model="standard") == 0.0
+        assert metric(text, "llm_event_loop_tasks") < busy_tasks  # the three requests' tasks are gone
 
 
 async def test_total_bound_covers_every_slot():

@@ -13,6 +13,7 @@ from bench import __main__ as bench_main
 from bench import ab, report, throughput
 from bench.dataset import write_prompts
 from bench.plan import FULL, QUICK, SMOKE, workload
+from bench.soak import slope
 
 AB_REPORT = """
 Complete requests:      2000
@@ -158,3 +159,16 @@ def test_the_cache_table_gives_hits_against_the_floor_and_litellm_and_the_flood_
     text = "\n".join(report.flood_lines(flood))
     assert "## Flood" in text and "110 of 110 429s carry Retry-After" in text and "the floor" in text
     assert report.flood_lines({}) == []
+
+
+def test_soak_slope_tells_growth_from_noise_and_leaves_out_warm_up() -> None:
+    flat = [{"t": t, "fds": 180 + (t // 5) % 3} for t in range(0, 1800, 5)]
+    growing = [{"t": t, "fds": 180 + t / 60} for t in range(0, 1800, 5)]  # one more a minute
+    warming = [{"t": t, "fds": min(t, 300) / 2} for t in range(0, 1800, 5)]  # climbs for 5 minutes, then holds
+    last = {"t": 1800, "fds": 10_000, "after": True}  # sampled after the traffic stopped: left out
+    assert slope([*flat, last], "fds", 300)["grows"] is False
+    grown = slope(growing, "fds", 300)
+    assert grown["grows"] is True and abs(grown["slope_per_hour"] - 60) < 0.01
+    assert slope(warming, "fds", 0)["grows"] is True
+    assert slope(warming, "fds", 300)["grows"] is False
+    assert slope(flat[:2], "fds", 0) is None  # too few samples to fit

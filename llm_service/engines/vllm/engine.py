@@ -46,6 +46,7 @@ from llm_service.engines.vllm.device import (
     process_memory_bytes,
     used_memory_bytes,
 )
+from llm_service.engines.vllm.kv_usage import KVUsageRecorder
 from llm_service.engines.vllm.lora import Adapters, lora_engine_args
 from llm_service.engines.vllm.pooling import PairScorer, check_scorer, embed_batch, pooling_engine_args
 from llm_service.engines.vllm.render import PromptRenderer, media_engine_args, media_env
@@ -107,7 +108,8 @@ class VLLMEngine:
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "enforce_eager": cfg.enforce_eager,
             # vLLM's Prometheus loggers unregister each other's collectors across engines; we keep
-            # our own per-model metrics, and with stats off vLLM registers no collectors at all.
+            # our own per-model metrics, and with stats off vLLM registers no collectors at all
+            # (KVUsageRecorder, the one stat logger we pass, registers none either).
             "disable_log_stats": True,
             "enable_log_requests": False,
             # Ignored by text-only models; on a GPU it also bounds the memory profiled for images.
@@ -142,7 +144,7 @@ class VLLMEngine:
         with _BUILD_LOCK:
             # One build at a time: the processes and the device memory this build adds are its own.
             pids, used = child_pids(), used_memory_bytes(device)
-            llm = AsyncLLM.from_engine_args(args)
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[KVUsageRecorder])
             pids = child_pids() - pids
             self._footprint = footprint_of(used, used_memory_bytes(device), pids, process_memory_bytes(device))
             return llm
@@ -364,6 +366,14 @@ class VLLMEngine:
         """Unfinished requests in vLLM's output processor (running or queued in the engine core)."""
         llm = self._llm
         return 0 if llm is None else llm.get_num_unfinished_requests()
+
+    def kv_cache_usage(self) -> float | None:
+        """The share of the KV cache in use at the engine core's last step (None before any step)."""
+        manager = self._llm.logger_manager if self._llm is not None else None
+        for recorder in manager.stat_loggers if manager is not None else ():
+            if isinstance(recorder, KVUsageRecorder):
+                return recorder.usage
+        return None
 
     def memory_footprint(self) -> int | None:
         """What the engine held on its GPU right after its start (see device.footprint_of); None on the CPU."""
