@@ -38,9 +38,12 @@ def slot_file(path: Path, adapter: Path) -> Path:
         "standard": slot(demo, preload=False),
         "longctx": slot(demo, length=2048, preload=False),
         "multimodal": slot(demo_model_path(DEMO_MULTIMODAL_DIR)),
-        "embedding": slot(demo, "embedding", 512, preload=True),
-        "rerank": slot(demo_model_path(DEMO_EMBEDDING_DIR), "rerank", 512, preload=True),
-        "fast": slot(demo, preload=True, adapters=[{"name": "demo-lora", "path": str(adapter)}], max_lora_rank=8),
+        "embedding": slot(demo_model_path(DEMO_EMBEDDING_DIR), "embedding", 256, preload=True),
+        "rerank": slot(demo_model_path(DEMO_EMBEDDING_DIR), "rerank", 256, preload=True),
+        # float32 as the vllm serve beside it: on a CPU with AVX-512 BF16 the service would run bf16, and a
+        # random adapter's near-tie logits turn that difference into another answer after a few tokens.
+        "fast": slot(demo, preload=True, adapters=[{"name": "demo-lora", "path": str(adapter)}], max_lora_rank=8,
+                     engine_args={**kv, "dtype": "float32"}),
     }
     path.write_text(json.dumps({"slots": slots}), encoding="utf-8")  # JSON is YAML
     return path
@@ -73,8 +76,8 @@ def vllm_serve(setup: tuple[dict[str, str], Path], tmp_path_factory: pytest.Temp
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", demo_model_path(),
          "--served-model-name", "demo", "--enable-lora", "--lora-modules", f"demo-lora={adapter}",
          "--max-lora-rank", "8", "--enforce-eager", "--gpu-memory-utilization", "0.15", "--max-model-len", "1024",
-         # As the service's slot: float32 on a CPU without AVX-512 BF16 (cpu_dtype_args), its chat template.
-         "--dtype", os.environ.get("TEST_VLLM_DTYPE", "float32"), "--chat-template", str(DEMO_TOOL_TEMPLATE),
+         # As the service's `fast` slot: float32 (set in its engine_args), its chat template.
+         "--dtype", "float32", "--chat-template", str(DEMO_TOOL_TEMPLATE),
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         stdout=log, stderr=subprocess.STDOUT,
@@ -134,11 +137,6 @@ def test_six_slots_serve_chat_on_the_new_slot_and_its_adapter(six: httpx.Client)
     assert generated.status_code == 200 and generated.json()["text"] == tuned
 
 
-# Measured 2026-12-03 (load average ~20): vllm serve answered "You are a biter than the world. ..." and
-# the service "You are a bit correct in the world ..." on the adapter: equal for the first tokens, then
-# apart. The base answers were equal in the manual check. The cause (numerics of a random adapter whose
-# logits are near ties, or a difference in the engine arguments) is not found yet.
-@pytest.mark.xfail(reason="the adapter's answer diverges from vllm serve's after a few tokens (cause unknown)")
 def test_the_adapters_answer_is_vllm_serves(six: httpx.Client, vllm_serve: str) -> None:
     def vllm_up() -> bool:
         try:
