@@ -58,16 +58,16 @@ system-packages:
 redis bench-tools: system-packages
 
 $(DEMO_MODEL): | $(STAMP)
-	$(BIN)/python -m llm_service.demo_model
+	$(BIN)/python -m llm_service.tools.demo_model
 
 $(DEMO_MULTIMODAL): | $(DEMO_MODEL)
-	$(BIN)/python -m llm_service.demo_model --multimodal
+	$(BIN)/python -m llm_service.tools.demo_model --multimodal
 
 $(DEMO_EMBEDDING): | $(STAMP)
-	$(BIN)/python -m llm_service.demo_model --embedding
+	$(BIN)/python -m llm_service.tools.demo_model --embedding
 
 $(DEMO_ADAPTER): | $(DEMO_MODEL)
-	$(BIN)/python -m llm_service.demo_adapter
+	$(BIN)/python -m llm_service.tools.demo_adapter
 
 # With the cache on, runs a local redis-server for as long as the service runs, unless one answers
 # (or REDIS_HOST is remote): scripts/serve.sh.

@@ -31,13 +31,13 @@ def seed_entry(env: dict[str, str], redis_port: int) -> None:
     from redis import Redis as RedisClient
 
     from llm_service.app import vllm_backend, with_host_args
-    from llm_service.cache import CachedChoice, CachedResponse, CachePolicy
-    from llm_service.cache_control import CacheControl
+    from llm_service.cache.controls import CacheControl
+    from llm_service.cache.store import CachedChoice, CachedResponse, CachePolicy
+    from llm_service.config.engine_configs import build_slot_configs
+    from llm_service.config.frontend import with_frontend
+    from llm_service.config.settings import load_settings
     from llm_service.engines.base import SamplingOptions
-    from llm_service.frontend_config import with_frontend
-    from llm_service.generation import cache_key_extra
-    from llm_service.settings import load_settings
-    from llm_service.slot_config import build_slot_configs
+    from llm_service.serving.generation import cache_key_extra
 
     saved = dict(os.environ)
     os.environ.update(env)

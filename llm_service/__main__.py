@@ -8,14 +8,14 @@ import sys
 
 from llm_service import server
 from llm_service.app import create_app
-from llm_service.logging import configure_logging
-from llm_service.settings import SettingsError, load_settings
+from llm_service.config.settings import SettingsError, load_settings
+from llm_service.observability.logging import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:
-        from llm_service.sizing.cli import main as plan
+        from llm_service.tools.plan import main as plan
 
         return plan(argv[1:])
     parser = argparse.ArgumentParser(

@@ -13,31 +13,31 @@ import structlog
 from fastapi import FastAPI
 
 from llm_service import __version__
-from llm_service.admission import AdmissionController, AdmissionLimits, AdmissionPolicy
 from llm_service.api import admin, embeddings, generate, health, openai, rerank
+from llm_service.api.accounting import RequestAccounting, generation_paths
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
 from llm_service.api.fast_path import FastPath
-from llm_service.api_keys import ApiKeys
-from llm_service.cache import CachePolicy
-from llm_service.cache_local import build_cache
-from llm_service.coalesce import Coalescer
-from llm_service.drain import Drain
-from llm_service.embeddings import EmbeddingService
+from llm_service.api.guard import RequestGuard
+from llm_service.cache.local import build_cache
+from llm_service.cache.store import CachePolicy
+from llm_service.config.engine_configs import build_slot_configs
+from llm_service.config.frontend import with_frontend
+from llm_service.config.settings import Settings
 from llm_service.engines.base import EngineCapacity, EngineConfig
 from llm_service.errors import install_error_handlers
-from llm_service.frontend_config import with_frontend
-from llm_service.generation import GenerationService
-from llm_service.guard import RequestGuard
-from llm_service.logging import RequestIdMiddleware
-from llm_service.metrics import Metrics
+from llm_service.observability.logging import RequestIdMiddleware
+from llm_service.observability.metrics import Metrics
+from llm_service.observability.tracing import build_tracer
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState
 from llm_service.registry.memory import DeviceMemory, FreeMemory
-from llm_service.request_metrics import RequestAccounting, generation_paths
-from llm_service.rerank import RerankService
-from llm_service.settings import Settings
-from llm_service.slot_config import build_slot_configs
-from llm_service.tracing import build_tracer
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.embeddings import EmbeddingService
+from llm_service.serving.generation import GenerationService
+from llm_service.serving.rerank import RerankService
+from llm_service.traffic.admission import AdmissionController, AdmissionLimits, AdmissionPolicy
+from llm_service.traffic.api_keys import ApiKeys
+from llm_service.traffic.drain import Drain
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import Config
 
-from llm_service.drain import Drain
+from llm_service.traffic.drain import Drain
 
 # Connections still open once the drain is over (or its grace expired) get this long to close.
 CLOSE_TIMEOUT_SECONDS = 5

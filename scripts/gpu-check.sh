@@ -24,4 +24,4 @@ if [ "$dry_run" = false ] && ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 cd "$repo"
-exec "$python" -m llm_service.gpu_check "$@"
+exec "$python" -m llm_service.tools.gpu_check "$@"

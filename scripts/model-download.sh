@@ -36,14 +36,14 @@
 set -euo pipefail
 
 readonly ALL_SLOTS="standard,longctx,multimodal"
-# Slots that exist only when their model is set (llm_service.settings.RETRIEVAL_SLOTS).
+# Slots that exist only when their model is set (llm_service.config.settings.RETRIEVAL_SLOTS).
 readonly RETRIEVAL_SLOTS="embedding,rerank"
-# The service's default models; keep in step with llm_service.settings.PRODUCTION_MODELS.
+# The service's default models; keep in step with llm_service.config.settings.PRODUCTION_MODELS.
 readonly DEFAULT_MODEL_STANDARD="hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4"
 readonly DEFAULT_MODEL_LONGCTX="casperhansen/mistral-nemo-instruct-2407-awq"
 readonly DEFAULT_MODEL_MULTIMODAL="gaunernst/gemma-3-12b-it-int4-awq"
 # The deployment guide's ids, which are not published: aliases of the defaults, as in
-# llm_service.settings.GUIDE_MODEL_ALIASES.
+# llm_service.config.settings.GUIDE_MODEL_ALIASES.
 readonly GUIDE_MODEL_STANDARD="meta-llama/Llama-3.1-8B-Instruct-AWQ"
 readonly GUIDE_MODEL_LONGCTX="mistralai/Mistral-NeMo-Instruct-2407-AWQ"
 readonly GUIDE_MODEL_MULTIMODAL="google/gemma-3-12b-it-awq"
@@ -91,7 +91,7 @@ resolve_alias() {
 # configured slots and their models (`slot<TAB>model` lines); without, the built-in slots below.
 listed=""
 if [ -n "${LLM_CONFIG_FILE:-}" ] || env | grep -q '^LLM_SLOTS__'; then
-    listed="$("${PYTHON:-python3}" -m llm_service.slot_settings)" \
+    listed="$("${PYTHON:-python3}" -m llm_service.config.slots)" \
         || die 2 "cannot read the slot set of LLM_CONFIG_FILE / LLM_SLOTS__*: run from the repository with llm_service importable by ${PYTHON:-python3}"
 fi
 listed_model() { printf '%s\n' "$listed" | awk -F '\t' -v s="$1" '$1 == s { print $2; found = 1 } END { exit !found }'; }

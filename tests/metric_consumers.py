@@ -19,8 +19,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_service.metrics import CACHE_OPERATIONS, Metrics
-from llm_service.request_metrics import REQUEST_STATUSES
+from llm_service.api.accounting import REQUEST_STATUSES
+from llm_service.observability.metrics import CACHE_OPERATIONS, Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "DEPLOYMENT.md", "QUICKSTART.md", "IMPLEMENTATION.md")

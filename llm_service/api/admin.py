@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm_service.api.deps import RegistryDep, ResourcesDep, SettingsDep
 from llm_service.api.responses import ErrorEnvelope, error_responses
+from llm_service.config.slots import ADAPTER_NAME
 from llm_service.engines.base import AdapterConfig
 from llm_service.errors import CacheUnavailable, Forbidden, ModelNotFound, Unauthorized
-from llm_service.slot_settings import ADAPTER_NAME
 
 router = APIRouter(
     prefix="/admin",

@@ -7,18 +7,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from llm_service.api_keys import ApiKeys
-from llm_service.cache import NoCache, ResponseCache
-from llm_service.drain import Drain
-from llm_service.embeddings import EmbeddingService
-from llm_service.generation import GenerationService
-from llm_service.metrics import Metrics
+from llm_service.api.accounting import record_of
+from llm_service.cache.store import NoCache, ResponseCache
+from llm_service.config.settings import Settings
+from llm_service.observability.metrics import Metrics
+from llm_service.observability.tracing import NoTracer, Tracer
 from llm_service.registry import ModelRegistry
-from llm_service.request_metrics import record_of
-from llm_service.request_record import RequestRecord
-from llm_service.rerank import RerankService
-from llm_service.settings import Settings
-from llm_service.tracing import NoTracer, Tracer
+from llm_service.serving.embeddings import EmbeddingService
+from llm_service.serving.generation import GenerationService
+from llm_service.serving.rerank import RerankService
+from llm_service.traffic.api_keys import ApiKeys
+from llm_service.traffic.drain import Drain
+from llm_service.traffic.request_record import RequestRecord
 
 
 @dataclass

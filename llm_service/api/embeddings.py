@@ -11,9 +11,9 @@ from pydantic import BaseModel, Field
 
 from llm_service.api.deps import RequestIdDep, RequestRecordDep, ResourcesDep
 from llm_service.api.timeouts import RequestTimeoutDep
-from llm_service.cache_control import CacheControl
-from llm_service.embeddings import Embedding, EmbeddingInput
+from llm_service.cache.controls import CacheControl
 from llm_service.errors import InvalidRequest
+from llm_service.serving.embeddings import Embedding, EmbeddingInput
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from llm_service.engines.base import GenerationDelta
-from llm_service.generation import GenerationResult, GenerationService, GenerationSpec, GenerationStream
+from llm_service.serving.generation import GenerationResult, GenerationService, GenerationSpec, GenerationStream
 
 log = structlog.get_logger(__name__)
 

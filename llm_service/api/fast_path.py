@@ -23,13 +23,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llm_service.api.accounting import record_of
 from llm_service.api.deps import Resources
+from llm_service.api.guard import replaying
 from llm_service.api.timeouts import timeout_of
-from llm_service.drain import Drain
 from llm_service.errors import ServiceError, error_response, renderer_for_path
-from llm_service.generation import GenerationResult, GenerationSpec
-from llm_service.guard import replaying
-from llm_service.request_metrics import record_of
+from llm_service.serving.generation import GenerationResult, GenerationSpec
+from llm_service.traffic.drain import Drain
 
 
 @dataclass(frozen=True)

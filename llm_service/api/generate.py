@@ -13,13 +13,13 @@ from pydantic import BaseModel
 from llm_service.api.deps import GenerationDep, RequestIdDep, RequestRecordDep
 from llm_service.api.fast_path import FastRoute
 from llm_service.api.responses import GENERATION_STATUSES, ErrorEnvelope, error_responses, streaming_response
+from llm_service.api.schemas import GenerateRequest, GenerateResponse, Timings, ToolCallOut, Usage
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.api.timeouts import RequestTimeoutDep
-from llm_service.cache_control import CacheControl
+from llm_service.cache.controls import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
-from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream
-from llm_service.schemas import GenerateRequest, GenerateResponse, Timings, ToolCallOut, Usage
+from llm_service.serving.generation import GenerationResult, GenerationSpec, GenerationStream
 
 router = APIRouter(tags=["generate"])
 

@@ -31,11 +31,11 @@ from llm_service.api.openai_schemas import (
 from llm_service.api.responses import GENERATION_STATUSES, OpenAIErrorEnvelope, error_responses, streaming_response
 from llm_service.api.streaming import SSEResponse, sse
 from llm_service.api.timeouts import RequestTimeoutDep
-from llm_service.cache_control import CacheControl
+from llm_service.cache.controls import CacheControl
 from llm_service.engines.base import SamplingOptions, TokenLogprob, ToolCallDelta
 from llm_service.errors import InvalidRequest, render_openai_error, to_service_error
-from llm_service.generation import GenerationResult, GenerationSpec, GenerationStream, ToolCall
 from llm_service.registry import Slot
+from llm_service.serving.generation import GenerationResult, GenerationSpec, GenerationStream, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

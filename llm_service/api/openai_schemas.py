@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llm_service.cache_control import CacheOptions
-from llm_service.schemas import (
+from llm_service.api.schemas import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
@@ -17,6 +16,7 @@ from llm_service.schemas import (
     Usage,
     check_tool_choice,
 )
+from llm_service.cache.controls import CacheOptions
 
 # n multiplies the engine work of one request; OpenAI allows 128, one small slot serves fewer.
 MAX_N = 16

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header
 
 from llm_service.api.deps import SettingsDep
+from llm_service.config.settings import LLMSettings
 from llm_service.errors import InvalidRequest
-from llm_service.settings import LLMSettings
 
 HEADER = "X-Request-Timeout"
 

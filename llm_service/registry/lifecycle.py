@@ -14,7 +14,7 @@ import structlog
 
 from llm_service.engines.base import AdapterConfig, Engine, EngineConfig, EngineDead
 from llm_service.errors import InvalidRequest, ModelNotFound, ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry.memory import DeviceMemory, held_share
 from llm_service.registry.reconciler import EngineFactory, Reconciler
 from llm_service.registry.slots import RegistryPolicy, Slot, SlotState, Wish

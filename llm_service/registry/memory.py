@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry.slots import HOLDING, Slot
 
 log = structlog.get_logger(__name__)

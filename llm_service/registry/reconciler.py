@@ -12,7 +12,7 @@ import structlog
 
 from llm_service.engines.base import Engine, EngineConfig
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry.memory import DeviceMemory, budget_share, held_share, record_footprint
 from llm_service.registry.policy import (
     Action,

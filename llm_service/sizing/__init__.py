@@ -1,1 +1,3 @@
-"""Sizing: memory estimates from model configs, the per-slot plan, and the `plan` command."""
+"""Sizing: memory estimates from model configs and the per-slot plan (the `plan` command: tools/plan.py).
+
+Imports engines' types only: configuration uses it, it knows nothing of settings."""

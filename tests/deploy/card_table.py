@@ -11,7 +11,7 @@ import os
 from typing import Any
 from unittest import mock
 
-from llm_service.sizing import cli
+from llm_service.tools import plan as cli
 
 # (GPU, GiB the card reports as torch's total_memory, settings other than the defaults)
 CARDS: list[tuple[str, float, dict[str, str]]] = [

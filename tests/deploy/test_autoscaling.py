@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from tests.deploy.conftest import K8S_DIR
 from tests.deploy.test_lint import kubernetes_validate
 

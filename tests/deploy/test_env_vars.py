@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_service.settings import known_env_vars
+from llm_service.config.settings import known_env_vars
 from tests.deploy.conftest import REPO, env_names, load_compose, load_manifests
 
 # Read by something other than our settings: the Hugging Face hub, vLLM, the CUDA stack, Python.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.gpu_check import mimic_env
+from llm_service.tools.gpu_check import mimic_env
 from tests.deploy.conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu-check.sh"

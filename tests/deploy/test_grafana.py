@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from tests.deploy.conftest import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "llm-service-dashboard.json"

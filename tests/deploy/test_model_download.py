@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, SLOTS
+from llm_service.config.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, SLOTS
 from tests.deploy.conftest import REPO, closed_port
 
 SCRIPT = REPO / "scripts" / "model-download.sh"

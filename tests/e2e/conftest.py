@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llm_service.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.config.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
 
@@ -137,7 +137,7 @@ def demo_model_path(folder: Path = DEMO_MODEL_DIR) -> str:
     path = (ROOT / folder).resolve()
     if not (path / "config.json").exists():
         pytest.fail(
-            f"demo model missing at {path}: run `python -m llm_service.demo_model --multimodal` "
+            f"demo model missing at {path}: run `python -m llm_service.tools.demo_model --multimodal` "
             "and `--embedding` (make setup)"
         )
     return str(path)

@@ -17,8 +17,8 @@ import openai
 import pytest
 from PIL import Image
 
-from llm_service.frontend_config import DEMO_TOOL_TEMPLATE
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.config.frontend import DEMO_TOOL_TEMPLATE
+from llm_service.config.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 from .conftest import ServiceProcess, demo_model_path, free_port, wait_for
 

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_service.demo_adapter import build_adapter
-from llm_service.frontend_config import DEMO_TOOL_TEMPLATE
-from llm_service.settings import DEMO_MULTIMODAL_DIR, DEMO_EMBEDDING_DIR
+from llm_service.config.frontend import DEMO_TOOL_TEMPLATE
+from llm_service.config.settings import DEMO_EMBEDDING_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.tools.demo_adapter import build_adapter
 
 from .conftest import KV_CACHE_ARGS, ROOT, ServiceProcess, base_env, demo_model_path, free_port, wait_for
 

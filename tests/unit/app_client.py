@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.settings import AppSettings, Settings
+from llm_service.config.settings import AppSettings, Settings
 
 from .conftest import GIB, FakeFactory, fake_settings
 

@@ -12,11 +12,11 @@ import pytest
 from pydantic import SecretStr
 
 from llm_service.app import EngineBackend, create_app
+from llm_service.config.settings import AppSettings, LLMSettings, Settings
 from llm_service.engines.base import EngineConfig
 from llm_service.engines.fake import FakeEngine
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy
-from llm_service.settings import AppSettings, LLMSettings, Settings
 
 GIB = 1024**3
 

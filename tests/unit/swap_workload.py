@@ -13,7 +13,7 @@ from typing import Any
 
 from llm_service.engines.base import GenerationRequest, RenderedPrompt, SamplingOptions
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy
 
 from .conftest import FakeFactory, slot_config

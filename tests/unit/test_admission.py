@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from llm_service.admission import (
+from llm_service.engines.base import EngineCapacity
+from llm_service.errors import Overloaded
+from llm_service.observability.metrics import Metrics
+from llm_service.traffic.admission import (
     AdmissionController,
     AdmissionLimits,
     AdmissionPolicy,
@@ -19,9 +22,6 @@ from llm_service.admission import (
     queue_seconds,
     requests_at_once,
 )
-from llm_service.engines.base import EngineCapacity
-from llm_service.errors import Overloaded
-from llm_service.metrics import Metrics
 from tests.metrics_text import metric
 
 from .app_client import app_client

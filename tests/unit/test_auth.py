@@ -8,8 +8,8 @@ import logging
 import pytest
 from pydantic import SecretStr
 
-from llm_service.api_keys import ApiKeys
-from llm_service.settings import AppSettings, LangfuseSettings, LLMSettings, load_settings
+from llm_service.config.settings import AppSettings, LangfuseSettings, LLMSettings, load_settings
+from llm_service.traffic.api_keys import ApiKeys
 
 from .app_client import app_client
 

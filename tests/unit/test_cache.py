@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from llm_service.cache import (
+from llm_service.cache.controls import CacheControl, CacheOptions
+from llm_service.cache.store import (
     SCHEMA_VERSION,
     CachedResponse,
     CachePolicy,
@@ -16,10 +17,9 @@ from llm_service.cache import (
     cache_key,
     reproducible,
 )
-from llm_service.cache_control import CacheControl, CacheOptions
+from llm_service.config.settings import LLMSettings
 from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob
-from llm_service.generation import GenerationResult
-from llm_service.settings import LLMSettings
+from llm_service.serving.generation import GenerationResult
 
 CONFIG = EngineConfig(
     slot="standard",

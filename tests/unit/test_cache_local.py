@@ -12,11 +12,11 @@ import redis
 from pydantic import SecretStr
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.cache import CachedChoice, CachedResponse
-from llm_service.cache_local import MEMORY, LocalTier
+from llm_service.cache.local import MEMORY, LocalTier
+from llm_service.cache.store import CachedChoice, CachedResponse
+from llm_service.config.settings import AppSettings, RedisSettings
 from llm_service.engines.base import EngineConfig
-from llm_service.metrics import Metrics
-from llm_service.settings import AppSettings, RedisSettings
+from llm_service.observability.metrics import Metrics
 
 from .conftest import GIB, FakeFactory, fake_settings
 from .test_api import metric

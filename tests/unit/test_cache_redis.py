@@ -17,12 +17,12 @@ import pytest
 import redis
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.cache import CachedChoice, CachedResponse, CachePolicy, RedisCache
-from llm_service.cache_control import CacheControl
+from llm_service.cache.controls import CacheControl
+from llm_service.cache.store import CachedChoice, CachedResponse, CachePolicy, RedisCache
+from llm_service.config.settings import RedisSettings
 from llm_service.engines.base import SamplingOptions
-from llm_service.generation import GenerationService, GenerationSpec
-from llm_service.metrics import Metrics
-from llm_service.settings import RedisSettings
+from llm_service.observability.metrics import Metrics
+from llm_service.serving.generation import GenerationService, GenerationSpec
 
 from .conftest import GIB, FakeFactory, fake_settings
 from .test_api import metric, sse_events

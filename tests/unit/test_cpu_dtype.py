@@ -29,7 +29,7 @@ def test_an_explicit_dtype_and_other_devices_and_arches_keep_the_model_dtype(mon
 
 
 def test_engine_arguments_carry_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_service.slot_config import DEMO_MODEL_DIR
+    from llm_service.config.engine_configs import DEMO_MODEL_DIR
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(vllm_engine.current_platform, "get_cpu_architecture", lambda: vllm_engine.CpuArchEnum.X86)

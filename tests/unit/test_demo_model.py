@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_service import demo_model
-from llm_service.demo_model import EMBEDDING_FILES, EMBEDDING_ZIP_MEMBER, ensure_embedding_demo_model
+from llm_service.tools import demo_model
+from llm_service.tools.demo_model import EMBEDDING_FILES, EMBEDDING_ZIP_MEMBER, ensure_embedding_demo_model
 
 CHECKPOINT = {
     "config.json": json.dumps({"architectures": ["BertModel"], "model_type": "bert"}),

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_service.drain import Drain
+from llm_service.traffic.drain import Drain
 
 from .app_client import build_app, running
 

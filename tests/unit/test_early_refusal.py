@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from llm_service.config.engine_configs import sizing_plan_with_sources, slot_inputs
+from llm_service.config.settings import LLMSettings
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy, SlotState
-from llm_service.settings import LLMSettings
 from llm_service.sizing.estimate import GIB
 from llm_service.sizing.load_time import load_time
-from llm_service.slot_config import sizing_plan_with_sources, slot_inputs
 
 from .conftest import FakeFactory, slot_config
 

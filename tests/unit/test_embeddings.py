@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.settings import DEMO_MODEL_DIR, SLOTS, LLMSettings, RedisSettings
+from llm_service.config.settings import DEMO_MODEL_DIR, SLOTS, LLMSettings, RedisSettings
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings
@@ -147,8 +147,8 @@ async def test_cache_sends_only_unseen_inputs_to_the_engine(cached_embedder: App
 
 
 def test_embedding_slot_is_planned_with_the_others_and_starts_the_pooling_runner() -> None:
+    from llm_service.config.engine_configs import build_slot_configs
     from llm_service.engines.vllm import VLLMEngine
-    from llm_service.slot_config import build_slot_configs
 
     configs = [config for config, _ in build_slot_configs(fake_settings(**EMBEDDING).llm, "cpu", 8 * GIB)]
     assert [c.slot for c in configs] == [*SLOTS, "embedding"]
@@ -178,7 +178,7 @@ def test_embedding_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch
 def test_a_sentence_transformers_model_is_planned_at_its_max_seq_length(tmp_path: Path) -> None:
     """vLLM takes sentence_bert_config.json's max_seq_length (256 for all-MiniLM-L6-v2, the demo) as the
     model's limit and refuses a longer max_model_len; the plan's default must not ask for more."""
-    from llm_service.slot_config import build_slot_configs
+    from llm_service.config.engine_configs import build_slot_configs
 
     bert = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
             "num_attention_heads": 12, "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512}

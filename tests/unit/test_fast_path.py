@@ -10,8 +10,8 @@ import httpx
 import pytest
 import redis
 
-from llm_service.generation import GenerationService
-from llm_service.settings import LLMSettings
+from llm_service.config.settings import LLMSettings
+from llm_service.serving.generation import GenerationService
 
 from .app_client import app_client
 from .test_api import metric

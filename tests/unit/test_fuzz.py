@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.settings import AppSettings, Settings
+from llm_service.config.settings import AppSettings, Settings
 from tests.fuzz_checks import envelope_check, lift_deadline
 
 from .conftest import GIB, FakeFactory, fake_settings

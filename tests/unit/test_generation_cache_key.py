@@ -8,13 +8,13 @@ import dataclasses
 from pathlib import Path
 
 from llm_service.app import EngineBackend, with_host_args
-from llm_service.cache import CachePolicy
-from llm_service.coalesce import Coalescer
+from llm_service.cache.store import CachePolicy
+from llm_service.config.settings import LLMSettings
 from llm_service.engines.base import ChatConfig, EngineConfig, SamplingOptions
-from llm_service.generation import GenerationService, GenerationSpec, cache_key_extra
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy
-from llm_service.settings import LLMSettings
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.generation import GenerationService, GenerationSpec, cache_key_extra
 
 from .conftest import FakeFactory, slot_config
 from .test_images import MemoryCache

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.cache import CachedResponse, CachePolicy
-from llm_service.coalesce import Coalescer
+from llm_service.cache.store import CachedResponse, CachePolicy
+from llm_service.config.settings import ImageSettings, LLMSettings
 from llm_service.engines.base import ImageLimits, SamplingOptions
 from llm_service.errors import InvalidRequest
-from llm_service.generation import GenerationService, GenerationSpec
-from llm_service.images import check_image, find_images, inspect_images
-from llm_service.metrics import Metrics
-from llm_service.settings import ImageSettings, LLMSettings
+from llm_service.observability.metrics import Metrics
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.generation import GenerationService, GenerationSpec
+from llm_service.serving.images import check_image, find_images, inspect_images
 
 from .conftest import GIB, FakeFactory, fake_settings
 
@@ -189,7 +189,7 @@ class RecordingTracer:
         self.inputs: list[Any] = []
 
     def start(self, **fields: Any) -> Any:
-        from llm_service.tracing import NO_TRACE
+        from llm_service.observability.tracing import NO_TRACE
 
         self.inputs.append(fields["input"])
         return NO_TRACE

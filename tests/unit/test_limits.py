@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llm_service.settings import LLMSettings
+from llm_service.config.settings import LLMSettings
 from tests.metrics_text import metric
 
 from .app_client import app_client

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llm_service.config.engine_configs import build_slot_configs
+from llm_service.config.settings import LLMSettings
 from llm_service.engines.base import SamplingOptions
-from llm_service.generation import GenerationSpec, _key_extra
-from llm_service.images import RequestImages
-from llm_service.settings import LLMSettings
-from llm_service.slot_config import build_slot_configs
+from llm_service.serving.generation import GenerationSpec, _key_extra
+from llm_service.serving.images import RequestImages
 
 from .conftest import GIB, FakeFactory, admin_client_for, fake_settings
 

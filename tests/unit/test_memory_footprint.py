@@ -7,7 +7,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy, SlotState
 from llm_service.registry.memory import DeviceMemory
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.generation import GenerationService, GenerationSpec, GenerationStream
+from llm_service.serving.generation import GenerationService, GenerationSpec, GenerationStream
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings

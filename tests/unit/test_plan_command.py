@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llm_service.settings import PRODUCTION_MODELS
+from llm_service.config.settings import PRODUCTION_MODELS
 from llm_service.sizing.estimate import GIB
 from tests.deploy.conftest import closed_port
 

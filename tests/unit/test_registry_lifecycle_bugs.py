@@ -12,7 +12,7 @@ from typing import Any
 
 from llm_service.engines.base import EngineDead, GenerationRequest, RenderedPrompt, SamplingOptions
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy, SlotState
 
 from .conftest import FakeFactory, slot_config

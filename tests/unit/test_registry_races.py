@@ -13,14 +13,14 @@ import pytest
 
 from llm_service.api.fanout import open_all
 from llm_service.app import EngineBackend, create_app
-from llm_service.cache import CachePolicy, NoCache
-from llm_service.coalesce import Coalescer
+from llm_service.cache.store import CachePolicy, NoCache
 from llm_service.engines.base import EngineConfig, SamplingOptions
 from llm_service.engines.fake import FakeEngine
 from llm_service.errors import ServiceError
-from llm_service.generation import GenerationService, GenerationSpec
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, SlotState
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.generation import GenerationService, GenerationSpec
 
 from .conftest import GIB, FakeFactory, fake_settings
 

@@ -14,7 +14,7 @@ from llm_service.app import EngineBackend, create_app
 from llm_service.engines.base import EngineConfig, EngineDead, GenerationRequest, RenderedPrompt, SamplingOptions
 from llm_service.engines.fake import FakeEngine
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy, SlotState
 from llm_service.registry.memory import DeviceMemory
 

@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
+from llm_service.api.accounting import CLIENT_CLOSED, RequestAccounting, final_code, record_of, status_label
 from llm_service.app import EngineBackend, create_app
 from llm_service.engines.base import GenerationDelta, GenerationRequest
 from llm_service.engines.fake import FakeEngine
 from llm_service.errors import Overloaded
-from llm_service.request_metrics import CLIENT_CLOSED, RequestAccounting, final_code, record_of, status_label
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings

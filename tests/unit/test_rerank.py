@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.metrics import Metrics
+from llm_service.config.settings import SLOTS, LLMSettings
+from llm_service.observability.metrics import Metrics
 from llm_service.registry import ModelRegistry, RegistryPolicy
-from llm_service.rerank import RerankService, ranked
-from llm_service.settings import SLOTS, LLMSettings
+from llm_service.serving.rerank import RerankService, ranked
 from tests.metrics_text import metric
 
 from .conftest import GIB, FakeFactory, fake_settings, slot_config
@@ -194,9 +194,9 @@ async def test_trace_has_counts_and_tokens_and_the_error() -> None:
 
 
 def test_rerank_slot_is_planned_with_the_others_and_starts_the_pooling_runner() -> None:
+    from llm_service.config.engine_configs import build_slot_configs
+    from llm_service.config.settings import DEMO_MODEL_DIR
     from llm_service.engines.vllm import VLLMEngine
-    from llm_service.settings import DEMO_MODEL_DIR
-    from llm_service.slot_config import build_slot_configs
 
     configs = [config for config, _ in build_slot_configs(fake_settings(**RERANK).llm, "cpu", 8 * GIB)]
     assert [(c.slot, c.kind) for c in configs][-1] == ("rerank", "rerank")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llm_service.settings import PRODUCTION_MODELS
+from llm_service.config.settings import PRODUCTION_MODELS
 from llm_service.sizing.estimate import (
     BLOCK_SIZE,
     GIB,

@@ -9,12 +9,12 @@ import pytest
 import structlog
 
 from llm_service.app import EngineBackend, build_registry
+from llm_service.config.engine_configs import build_slot_configs, sizing_plan_with_sources
+from llm_service.config.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, AppSettings, LLMSettings, Settings
 from llm_service.errors import ModelUnavailable
-from llm_service.metrics import Metrics
-from llm_service.settings import GUIDE_MODEL_ALIASES, PRODUCTION_MODELS, AppSettings, LLMSettings, Settings
+from llm_service.observability.metrics import Metrics
 from llm_service.sizing.estimate import GIB
 from llm_service.sizing.plan import Device, SlotRequest, plan_slots
-from llm_service.slot_config import build_slot_configs, sizing_plan_with_sources
 
 from .conftest import FakeFactory
 from .test_sizing_estimate import shape_of

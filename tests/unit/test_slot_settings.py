@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from llm_service.__main__ import main
-from llm_service.settings import LLMSettings, SettingsError, load_settings
-from llm_service.slot_config import build_slot_configs
+from llm_service.config.engine_configs import build_slot_configs
+from llm_service.config.settings import LLMSettings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "slots.example.yaml"

@@ -11,13 +11,19 @@ import openai
 import pytest
 
 from llm_service.app import EngineBackend, create_app
-from llm_service.cache import CachedResponse, CachePolicy
-from llm_service.coalesce import Coalescer
+from llm_service.cache.store import CachedResponse, CachePolicy
+from llm_service.config.frontend import DEMO_TOOL_TEMPLATE, chat_config
+from llm_service.config.settings import (
+    DEMO_MODEL_DIR,
+    DEMO_MULTIMODAL_DIR,
+    PRODUCTION_MODELS,
+    ChatSettings,
+    LLMSettings,
+)
 from llm_service.engines.base import ChatConfig, SamplingOptions
-from llm_service.frontend_config import DEMO_TOOL_TEMPLATE, chat_config
-from llm_service.generation import GenerationService, GenerationSpec
-from llm_service.metrics import Metrics
-from llm_service.settings import DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR, PRODUCTION_MODELS, ChatSettings, LLMSettings
+from llm_service.observability.metrics import Metrics
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.generation import GenerationService, GenerationSpec
 
 from .conftest import GIB, FakeFactory, fake_settings
 from .test_images import MemoryCache, RecordingTracer

@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from llm_service.app import EngineBackend, create_app
+from llm_service.config.settings import AppSettings, LangfuseSettings, Settings
 from llm_service.engines.base import SamplingOptions
-from llm_service.settings import AppSettings, LangfuseSettings, Settings
-from llm_service.tracing import LangfuseTracer, NoTracer, build_tracer
+from llm_service.observability.tracing import LangfuseTracer, NoTracer, build_tracer
 from tests.e2e.otlp_receiver import PUBLIC_KEY, SECRET_KEY, OTLPReceiver, ReceivedSpan
 
 from .conftest import GIB, FakeFactory, fake_settings

@@ -8,7 +8,6 @@ import contextlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_service.drain import RETRY_AFTER_SECONDS, Drain
 from llm_service.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -17,6 +16,7 @@ from llm_service.errors import (
     error_response,
     renderer_for_path,
 )
+from llm_service.traffic.drain import RETRY_AFTER_SECONDS, Drain
 
 # Methods without a body are cheap and never generate: they pass through untouched.
 _PASS_THROUGH = frozenset({"GET", "HEAD", "OPTIONS"})

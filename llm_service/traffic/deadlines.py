@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from llm_service.errors import DeadlineExceeded
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 
 
 def deadline_passed(metrics: Metrics, slot: str) -> DeadlineExceeded:

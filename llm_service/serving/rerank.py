@@ -10,15 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llm_service.admission import AdmissionController, Work
-from llm_service.deadlines import before_deadline
 from llm_service.engines.base import PairScore, Reranker
 from llm_service.errors import InvalidRequest, to_service_error
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
+from llm_service.observability.tracing import NoTracer, Tracer
 from llm_service.registry import ModelRegistry
-from llm_service.request_record import RequestRecord
-from llm_service.retrieval import admitted_engine, start_request, traced
-from llm_service.tracing import NoTracer, Tracer
+from llm_service.serving.retrieval import admitted_engine, start_request, traced
+from llm_service.traffic.admission import AdmissionController, Work
+from llm_service.traffic.deadlines import before_deadline
+from llm_service.traffic.request_record import RequestRecord
 
 PAIR_SPECIAL_TOKENS = 8  # separators and begin/end tokens a cross-encoder adds to a pair, at most
 

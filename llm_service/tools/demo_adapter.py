@@ -1,4 +1,4 @@
-"""python -m llm_service.demo_adapter: a small random-weight PEFT LoRA adapter for the demo model.
+"""python -m llm_service.tools.demo_adapter: a small random-weight PEFT LoRA adapter for the demo model.
 
 Its weights are random but seeded (the same files on every machine) and large enough that the
 adapter's answers differ from the base model's at temperature 0: it proves the LoRA path end to
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llm_service.slot_settings import DEMO_ADAPTER_DIR, DEMO_MODEL_DIR
+from llm_service.config.slots import DEMO_ADAPTER_DIR, DEMO_MODEL_DIR
 
 RANK = 8
 ALPHA = 16
@@ -59,12 +59,13 @@ def build_adapter(base: Path, output: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_service.demo_adapter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llm_service.tools.demo_adapter", description=__doc__)
     parser.add_argument("--base", type=Path, default=DEMO_MODEL_DIR, help="the demo model's folder")
     parser.add_argument("--output", type=Path, default=DEMO_ADAPTER_DIR, help="where the adapter goes")
     args = parser.parse_args(argv)
     if not (args.base / "config.json").exists():
-        parser.error(f"{args.base} has no config.json: build the demo model first (python -m llm_service.demo_model)")
+        parser.error(f"{args.base} has no config.json: build the demo model first "
+                     "(python -m llm_service.tools.demo_model)")
     build_adapter(args.base, args.output)
     return 0
 

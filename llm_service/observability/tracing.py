@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from llm_service import __version__
+from llm_service.config.settings import Settings
 from llm_service.engines.base import SamplingOptions
-from llm_service.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import uvicorn
 
 from llm_service.app import EngineBackend, create_app
+from llm_service.config.settings import load_settings
 from llm_service.engines.base import EngineConfig
 from llm_service.engines.fake import FakeEngine
-from llm_service.settings import load_settings
 
 # What a simulated engine holds, as a fraction of its share: multimodal more (the report then
 # shows a slot over its share), the others less (so the preloaded slots still fit together).

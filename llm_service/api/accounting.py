@@ -9,7 +9,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_service.request_record import RequestRecord
+from llm_service.traffic.request_record import RequestRecord
 
 # nginx's "client closed request": the client left before the response ended.
 CLIENT_CLOSED = 499

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from llm_service.cache_control import CacheOptions
+from llm_service.cache.controls import CacheOptions
 
 
 class ImageURL(BaseModel):

@@ -10,11 +10,11 @@ from typing import Any, TextIO
 
 import structlog
 
-from llm_service.admission import requests_at_once
-from llm_service.settings import SettingsError, load_settings
+from llm_service.config.engine_configs import sizing_plan_with_sources
+from llm_service.config.settings import SettingsError, load_settings
 from llm_service.sizing.estimate import GIB
 from llm_service.sizing.plan import Plan, SlotPlan
-from llm_service.slot_config import sizing_plan_with_sources
+from llm_service.traffic.admission import requests_at_once
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
           "g": GIB, "gi": GIB, "gib": GIB, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4}

@@ -10,10 +10,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llm_service.admission.policy import NO_WORK, AdmissionPolicy, DrainRate, Refusal, SlotLoad, Work, fits_at_once
 from llm_service.engines.base import EngineCapacity
 from llm_service.errors import Overloaded
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
+from llm_service.traffic.admission.policy import (
+    NO_WORK,
+    AdmissionPolicy,
+    DrainRate,
+    Refusal,
+    SlotLoad,
+    Work,
+    fits_at_once,
+)
 
 DRAIN_HORIZON_SECONDS = 60.0  # busy seconds over which the drain rate forgets older requests
 

@@ -10,11 +10,11 @@ from typing import Protocol
 
 import structlog
 
-from llm_service.cache import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
-from llm_service.cache_local import MEMORY
+from llm_service.cache.local import MEMORY
+from llm_service.cache.store import CachedResponse, CachePlan, CachePolicy, FinishedGeneration, ResponseCache
 from llm_service.engines.base import GenerationDelta
 from llm_service.errors import EngineFailure, ServiceError, to_service_error
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 

@@ -17,23 +17,23 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from llm_service.slot_settings import (
+from llm_service.config.slots import (
     BUILTIN_SLOTS,
     FLAT_FIELDS,
     SlotConfigError,
     build_slot_set,
     builtin_env_vars,
 )
-from llm_service.slot_settings import (
-    DEMO_MODEL_DIR as DEMO_MODEL_DIR,
-)
-from llm_service.slot_settings import (
-    DEMO_MULTIMODAL_DIR as DEMO_MULTIMODAL_DIR,
-)
-from llm_service.slot_settings import (
+from llm_service.config.slots import (
     DEMO_EMBEDDING_DIR as DEMO_EMBEDDING_DIR,
 )
-from llm_service.slot_settings import (
+from llm_service.config.slots import (
+    DEMO_MODEL_DIR as DEMO_MODEL_DIR,
+)
+from llm_service.config.slots import (
+    DEMO_MULTIMODAL_DIR as DEMO_MULTIMODAL_DIR,
+)
+from llm_service.config.slots import (
     SlotSettings as SlotSettings,
 )
 

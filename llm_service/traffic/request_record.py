@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llm_service.admission import Reservation
+from llm_service.traffic.admission import Reservation
 
 
 @dataclass

@@ -7,8 +7,9 @@ from typing import Any
 
 import structlog
 
+from llm_service.config.settings import GUIDE_MODEL_ALIASES, LLMSettings, SettingsError, SlotSettings
+from llm_service.config.slots import BUILTIN, DEMO_MODEL_DIR
 from llm_service.engines.base import AdapterConfig, EngineConfig
-from llm_service.settings import GUIDE_MODEL_ALIASES, LLMSettings, SettingsError, SlotSettings
 from llm_service.sizing.estimate import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -18,7 +19,6 @@ from llm_service.sizing.estimate import (
 from llm_service.sizing.load_time import load_time
 from llm_service.sizing.model_files import ModelMetadata, layout_engine_args, length_limit, model_metadata
 from llm_service.sizing.plan import Device, Plan, SlotPlan, SlotRequest, plan_slots
-from llm_service.slot_settings import BUILTIN, DEMO_MODEL_DIR
 
 log = structlog.get_logger(__name__)
 # Context length of a slot that is not built in and sets none (capped at the model's own limit).
@@ -46,7 +46,7 @@ def model_for_slot(llm: LLMSettings, slot: str, device: str) -> str:
     if not (demo / "config.json").exists():
         raise SettingsError(
             f"LLM_MODEL_{slot.upper()} is not set and there is no GPU, so the demo model is used, "
-            f"but {demo} does not exist: build it with `python -m llm_service.demo_model` (or `make setup`)"
+            f"but {demo} does not exist: build it with `python -m llm_service.tools.demo_model` (or `make setup`)"
         )
     return str(demo)
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from llm_service.sizing.cli import parse_size
+from llm_service.tools.plan import parse_size
 
 GIB = 1024**3
 # vLLM's log lines that carry memory figures (weights, KV cache, CUDA graphs, free memory).
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"dry_run": args.dry_run, "started_at": started, "device_memory_bytes": args.device_memory}
     try:
         if args.dry_run:
-            from llm_service.gpu_check_dry import DryService
+            from llm_service.tools.gpu_check_dry import DryService
 
             memory = args.device_memory or 24 * GIB
             planned = plan(memory, offline=True)

@@ -12,16 +12,16 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from llm_service.admission import AdmissionController, Work
-from llm_service.cache import ResponseCache
-from llm_service.deadlines import before_deadline
+from llm_service.cache.store import ResponseCache
 from llm_service.engines.base import Embedder, EngineConfig
 from llm_service.errors import InvalidRequest, to_service_error
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
+from llm_service.observability.tracing import NoTracer, Tracer
 from llm_service.registry import ModelRegistry
-from llm_service.request_record import RequestRecord
-from llm_service.retrieval import admitted_engine, start_request, traced
-from llm_service.tracing import NoTracer, Tracer
+from llm_service.serving.retrieval import admitted_engine, start_request, traced
+from llm_service.traffic.admission import AdmissionController, Work
+from llm_service.traffic.deadlines import before_deadline
+from llm_service.traffic.request_record import RequestRecord
 
 EMBEDDING_SCHEMA_VERSION = 1
 # A token-id input (OpenAI's list of ints) or a text.

@@ -1,7 +1,7 @@
 """Admission control: whom to admit (policy.py) and the per-slot counts and work it decides on (controller.py)."""
 
-from llm_service.admission.controller import Admission, AdmissionController, DrainMeter, Reservation
-from llm_service.admission.policy import (
+from llm_service.traffic.admission.controller import Admission, AdmissionController, DrainMeter, Reservation
+from llm_service.traffic.admission.policy import (
     RETRY_AFTER_SECONDS,
     AdmissionLimits,
     AdmissionPolicy,

@@ -7,12 +7,12 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_service.admission import Admission, AdmissionController, Work
 from llm_service.engines.base import Engine
 from llm_service.errors import InvalidRequest, outcome_of, to_service_error
+from llm_service.observability.tracing import Trace, Tracer
 from llm_service.registry import ModelRegistry, Slot
-from llm_service.request_record import RequestRecord
-from llm_service.tracing import Trace, Tracer
+from llm_service.traffic.admission import Admission, AdmissionController, Work
+from llm_service.traffic.request_record import RequestRecord
 
 # The setting that turns a retrieval slot on, named in the 400 for a model of the wrong kind.
 MODEL_SETTING = {"embedding": "LLM_MODEL_EMBEDDING", "rerank": "LLM_MODEL_RERANK"}

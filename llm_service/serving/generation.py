@@ -16,12 +16,9 @@ from typing import Any, TypeVar
 
 import structlog
 
-from llm_service.admission import AdmissionController, Work
-from llm_service.cache import CachePlan
-from llm_service.cache_control import CacheControl
-from llm_service.cache_local import MEMORY
-from llm_service.coalesce import Coalescer
-from llm_service.deadlines import before_deadline, deadline_passed
+from llm_service.cache.controls import CacheControl
+from llm_service.cache.local import MEMORY
+from llm_service.cache.store import CachePlan
 from llm_service.engines.base import (
     ChatConfig,
     Engine,
@@ -35,11 +32,14 @@ from llm_service.engines.base import (
     ToolCallDelta,
 )
 from llm_service.errors import DeadlineExceeded, InvalidRequest, ServiceError, outcome_of, to_service_error
-from llm_service.images import NO_IMAGES, RequestImages, find_images, inspect_images
-from llm_service.metrics import Metrics
+from llm_service.observability.metrics import Metrics
+from llm_service.observability.tracing import NO_TRACE, NoTracer, Trace, Tracer
 from llm_service.registry import ModelRegistry, Slot
-from llm_service.request_record import RequestRecord
-from llm_service.tracing import NO_TRACE, NoTracer, Trace, Tracer
+from llm_service.serving.coalesce import Coalescer
+from llm_service.serving.images import NO_IMAGES, RequestImages, find_images, inspect_images
+from llm_service.traffic.admission import AdmissionController, Work
+from llm_service.traffic.deadlines import before_deadline, deadline_passed
+from llm_service.traffic.request_record import RequestRecord
 
 log = structlog.get_logger(__name__)
 

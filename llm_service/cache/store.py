@@ -19,10 +19,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from llm_service.cache_control import CacheControl
+from llm_service.cache.controls import CacheControl
+from llm_service.config.settings import LLMSettings, RedisSettings
 from llm_service.engines.base import EngineConfig, GenerationDelta, SamplingOptions, TokenLogprob, ToolCallDelta
-from llm_service.metrics import Metrics
-from llm_service.settings import LLMSettings, RedisSettings
+from llm_service.observability.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 

@@ -120,15 +120,15 @@ class BuiltinSlot:
     guide_model: str | None = None  # the deployment guide's (unpublished) id: an alias of production_model
 
 
-# Where `python -m llm_service.demo_model` writes the demo checkpoints (relative to the cwd): the text
+# Where `python -m llm_service.tools.demo_model` writes the demo checkpoints (relative to the cwd): the text
 # model, an Idefics3 around it (random vision tower) and sentence-transformers' all-MiniLM-L6-v2.
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
 DEMO_MULTIMODAL_DIR = Path("models/SmolLM2-135M-Idefics3")
 DEMO_EMBEDDING_DIR = Path("models/all-MiniLM-L6-v2")
-# A random-weight LoRA adapter for the demo model (`python -m llm_service.demo_adapter`).
+# A random-weight LoRA adapter for the demo model (`python -m llm_service.tools.demo_adapter`).
 DEMO_ADAPTER_DIR = Path("models/SmolLM2-135M-LoRA-demo")
 # The built-in slots (the deployment guide's three, then the optional retrieval slots): the one place
-# their defaults live. Demo checkpoints are built by `python -m llm_service.demo_model` (make setup).
+# their defaults live. Demo checkpoints are built by `python -m llm_service.tools.demo_model` (make setup).
 BUILTIN_SLOTS: tuple[BuiltinSlot, ...] = (
     BuiltinSlot("standard", "generate", 8192, DEMO_MODEL_DIR,
                 "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4", preload=True,
@@ -278,7 +278,7 @@ def _check_unique_names(slots: Mapping[str, SlotSettings]) -> None:
 
 
 def main() -> int:
-    """python -m llm_service.slot_settings: each configured slot and the model a GPU deployment fetches
+    """python -m llm_service.config.slots: each configured slot and the model a GPU deployment fetches
     for it, one `slot<TAB>model` line each (scripts/model-download.sh reads them); errors as one line."""
     import os
     import sys

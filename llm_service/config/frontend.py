@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from llm_service.config.settings import PRODUCTION_MODELS, ChatSettings, ImageSettings, Settings, SlotSettings
+from llm_service.config.slots import BUILTIN_SLOTS
 from llm_service.engines.base import ChatConfig, EngineConfig, ImageLimits
-from llm_service.settings import PRODUCTION_MODELS, ChatSettings, ImageSettings, Settings, SlotSettings
-from llm_service.slot_settings import BUILTIN_SLOTS
 
 # vLLM's tool-call parsers for the production models (`vllm serve --tool-call-parser`).
 # Llama 3.1 and Mistral-NeMo carry tool-capable chat templates; gemma-3's template has none, so its
@@ -20,7 +20,7 @@ PRODUCTION_TOOL_PARSERS: dict[str, str] = {
 }
 # The demo models' own template has no tools; this one renders the same without tools and
 # Hermes-style <tool_call> JSON with them.
-DEMO_TOOL_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "chatml_tools.jinja"
+DEMO_TOOL_TEMPLATE = Path(__file__).resolve().parents[1] / "chat_templates" / "chatml_tools.jinja"
 DEMO_TOOL_PARSER = "hermes"
 NO_TOOLS = "none"
 

@@ -14,9 +14,9 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from llm_service.cache import CachedResponse, NoCache, RedisCache, ResponseCache
-from llm_service.metrics import Metrics
-from llm_service.settings import Settings
+from llm_service.cache.store import CachedResponse, NoCache, RedisCache, ResponseCache
+from llm_service.config.settings import Settings
+from llm_service.observability.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
