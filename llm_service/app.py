@@ -17,16 +17,16 @@ from llm_service.api import admin, embeddings, generate, health, openai, rerank
 from llm_service.api.accounting import RequestAccounting, generation_paths
 from llm_service.api.auth import ApiKeyDep
 from llm_service.api.deps import Resources
+from llm_service.api.errors import install_error_handlers
 from llm_service.api.fast_path import FastPath
 from llm_service.api.guard import RequestGuard
+from llm_service.api.request_id import RequestIdMiddleware
 from llm_service.cache.local import build_cache
 from llm_service.cache.store import CachePolicy
 from llm_service.config.engine_configs import build_slot_configs
 from llm_service.config.frontend import with_frontend
 from llm_service.config.settings import Settings
 from llm_service.engines.base import EngineCapacity, EngineConfig
-from llm_service.errors import install_error_handlers
-from llm_service.observability.logging import RequestIdMiddleware
 from llm_service.observability.metrics import Metrics
 from llm_service.observability.tracing import build_tracer
 from llm_service.registry import EngineFactory, ModelRegistry, RegistryPolicy, SlotState

@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.api.accounting import record_of
 from llm_service.api.deps import Resources
+from llm_service.api.errors import error_response
 from llm_service.api.guard import replaying
 from llm_service.api.timeouts import timeout_of
-from llm_service.errors import ServiceError, error_response, renderer_for_path
+from llm_service.errors import ServiceError, renderer_for_path
 from llm_service.serving.generation import GenerationResult, GenerationSpec
 from llm_service.traffic.drain import Drain
 

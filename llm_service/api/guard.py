@@ -8,12 +8,12 @@ import contextlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llm_service.api.errors import error_response
 from llm_service.errors import (
     InvalidRequest,
     PayloadTooLarge,
     ServiceError,
     ShuttingDown,
-    error_response,
     renderer_for_path,
 )
 from llm_service.traffic.drain import RETRY_AFTER_SECONDS, Drain
