@@ -51,10 +51,14 @@ def _rerank_body(service: ServiceProcess) -> dict[str, Any]:
 @pytest.mark.parametrize(("slot", "path"), [("embedding", "/v1/embeddings"), ("rerank", "/v1/rerank")])
 def test_past_the_bound_429_past_the_deadline_504(retrieval_service: ServiceProcess, slot: str, path: str) -> None:
     body = _embedding_body(retrieval_service) if slot == "embedding" else _rerank_body(retrieval_service)
+    # The first request holds the engine while the second arrives: the most inputs the fixture allows,
+    # so that it still runs when the second is admitted (MiniLM embeds nine pairs in a fraction of a second).
+    field, most = ("input", 128) if slot == "embedding" else ("documents", 64)
+    holding = {**body, field: [f"{i} {TEXT}" for i in range(most)]}
 
     async def run() -> tuple[httpx.Response, httpx.Response, float]:
         async with httpx.AsyncClient(base_url=retrieval_service.base_url, timeout=600) as http:
-            first = asyncio.create_task(http.post(path, json=body, headers=NO_CACHE))
+            first = asyncio.create_task(http.post(path, json=holding, headers=NO_CACHE))
             seen_running = 0
             while not seen_running:  # the first holds the engine
                 seen_running = (await http.get("/health")).json()["admission"][slot]["running"]
