@@ -48,32 +48,50 @@ def _rerank_body(service: ServiceProcess) -> dict[str, Any]:
             "documents": [f"{i} {TEXT}" for i in range(count)]}
 
 
+def _measured(service: ServiceProcess, path: str, body: dict[str, Any], slot: str) -> dict[str, Any]:
+    """The slot's figures once a request of `body` has finished on it, so that its drain rate is measured."""
+    done = httpx.post(service.base_url + path, json=body, headers=NO_CACHE, timeout=300)
+    assert done.status_code == 200, done.text
+    figures = _figures(service, slot)
+    assert figures["drain_tokens_per_second"], figures
+    return figures
+
+
 @pytest.mark.parametrize(("slot", "path"), [("embedding", "/v1/embeddings"), ("rerank", "/v1/rerank")])
 def test_past_the_bound_429_past_the_deadline_504(retrieval_service: ServiceProcess, slot: str, path: str) -> None:
     body = _embedding_body(retrieval_service) if slot == "embedding" else _rerank_body(retrieval_service)
-    # The first request holds the engine while the second arrives: the most inputs the fixture allows,
-    # so that it still runs when the second is admitted (MiniLM embeds nine pairs in a fraction of a second).
+    _measured(retrieval_service, path, body, slot)
+    # Three requests hold the engine while the second arrives: the most inputs the fixture allows, each.
     field, most = ("input", 128) if slot == "embedding" else ("documents", 64)
     holding = {**body, field: [f"{i} {TEXT}" for i in range(most)]}
 
-    async def run() -> tuple[httpx.Response, httpx.Response, float]:
+    async def run() -> tuple[list[httpx.Response], httpx.Response, float, float]:
         async with httpx.AsyncClient(base_url=retrieval_service.base_url, timeout=600) as http:
-            first = asyncio.create_task(http.post(path, json=holding, headers=NO_CACHE))
-            seen_running = 0
-            while not seen_running:  # the first holds the engine
-                seen_running = (await http.get("/health")).json()["admission"][slot]["running"]
+            first = [asyncio.create_task(http.post(path, json=holding, headers=NO_CACHE)) for _ in range(3)]
+            figures: dict[str, Any] = {"running": 0}
+            while not figures["running"] or figures["waiting"] < 2:  # one runs, two queue behind it
+                figures = (await http.get("/health")).json()["admission"][slot]
+                if all(task.done() for task in first):
+                    pytest.fail(f"the three holders ended before they were seen queued: {figures}")
                 await asyncio.sleep(0.01)
+            # The second (more than the engine holds) starts only once the held work beyond the engine's
+            # KV cache has drained: at least (held - kv + 1.1 kv) / rate seconds. Its deadline is a
+            # quarter of the least of that (one of the three holders may have ended since the figures),
+            # whatever this machine's measured rate: 429 now, not a wait, whichever machine runs it.
+            least_wait = (figures["held_tokens"] * 2 / 3 + 0.1 * figures["kv_cache_tokens"]) / figures[
+                "drain_tokens_per_second"]
+            timeout = least_wait / 4
             started = time.monotonic()
-            second = await http.post(path, json=body, headers={**NO_CACHE, "X-Request-Timeout": "5"})
+            second = await http.post(path, json=body, headers={**NO_CACHE, "X-Request-Timeout": f"{timeout:.3f}"})
             refused_in = time.monotonic() - started
-            return await first, second, refused_in
+            return list(await asyncio.gather(*first)), second, refused_in, timeout
 
-    first, second, refused_in = asyncio.run(run())
-    assert first.status_code == 200, first.text
+    holders, second, refused_in, timeout = asyncio.run(run())
+    assert [r.status_code for r in holders] == [200] * 3, [r.text for r in holders]
     assert second.status_code == 429, second.text
     assert second.json()["error"]["type"] == "overloaded" and int(second.headers["retry-after"]) >= 1
     print(f"\n{slot}: {len(body.get('input') or body['documents'])} inputs a request; the second refused in "
-          f"{refused_in * 1000:.0f} ms, Retry-After {second.headers['retry-after']} s")
+          f"{refused_in * 1000:.0f} ms (its timeout {timeout:.2f} s), Retry-After {second.headers['retry-after']} s")
     late = httpx.post(retrieval_service.base_url + path, json=body, headers={**NO_CACHE, "X-Request-Timeout": "0.05"},
                       timeout=300)
     assert late.status_code == 504 and late.json()["error"]["type"] == "timeout", late.text
