@@ -63,3 +63,37 @@ def run(
         figures = parse(done.stdout, out.read_text() if out.exists() else "")
     figures["concurrency"] = concurrency
     return figures
+
+
+def burst(url: str, requests: int, body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """`requests` requests sent at once (`ab -n requests -c requests`, a new connection each): every
+    response's status and Retry-After (from `ab -v 2`'s header log) and every request's time in ms
+    (from `ab -g`, connect to last byte), sorted. ab's own work per request is a few microseconds of C,
+    so the times are the server's and the machine's, not a Python client's."""
+    with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
+        times = Path(tmp) / "times.tsv"
+        cmd = [ab_binary(), "-v", "2", "-n", str(requests), "-c", str(requests), "-g", str(times)]
+        if body is not None:
+            (Path(tmp) / "body.json").write_bytes(body)
+            cmd += ["-p", str(Path(tmp) / "body.json"), "-T", "application/json"]
+        for name, value in (headers or {}).items():
+            cmd += ["-H", f"{name}: {value}"]
+        done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"ab failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        return parse_burst(done.stdout, times.read_text())
+
+
+def parse_burst(log: str, times_tsv: str) -> dict[str, Any]:
+    """Statuses and Retry-After counts from `ab -v 2`'s "header received" blocks; sorted ms from `-g`."""
+    statuses: dict[str, int] = {}
+    retry_after: dict[str, int] = {}
+    for block in log.split("LOG: header received:")[1:]:
+        lines = block.strip().splitlines()
+        parts = lines[0].split() if lines else []
+        status = parts[1] if len(parts) > 1 else "?"
+        statuses[status] = statuses.get(status, 0) + 1
+        if any(line.lower().startswith("retry-after:") for line in lines[1:]):
+            retry_after[status] = retry_after.get(status, 0) + 1
+    ms = sorted(int(row.split("\t")[4]) for row in times_tsv.splitlines()[1:] if row.count("\t") >= 5)
+    return {"statuses": statuses, "retry_after": retry_after, "ms": ms}

@@ -4,14 +4,14 @@
 
 Ours on its defaults with `standard` loaded (and Redis, as in production). Each request reserves
 an eighth of the KV cache (max_tokens) and asks for a short answer, bypassing the cache. A first
-round of what runs at once measures the engine's drain rate; then the flood goes out, each
-request on its own connection, with X-Request-Timeout (default 10 s): what cannot start before
-it is refused at once. A raw asyncio client (pre-built HTTP/1.1 bytes, one connection per request)
-keeps the client's own work small; /health/live is probed every 20 ms throughout. The 429s'
-client-measured latency is reported beside the floor of such a burst here: as many /health/live
-requests sent at once by the same client right after (their ratio is the figure to read on a busy
-machine), and, run alone, beside their time inside the service (from its access lines). Writes
-bench/results/flood.json; `make bench` runs it as part of ours (BENCHMARKS.md, "Flood").
+round of what runs at once measures the engine's drain rate; then the flood goes out with
+ApacheBench (`ab -n N -c N`: every request on its own connection, all opened at once, by a client
+whose own work is a few microseconds of C a request, so that the times are the service's and not a
+Python client's), each with X-Request-Timeout (default 10 s): what cannot start before it is refused
+at once. /health/live is probed every 20 ms throughout. The 429s' latency is reported beside the
+floor of such a burst here: as many /health/live requests sent at once by ab right after, and, run
+alone, beside their time inside the service (from its access lines). Writes bench/results/flood.json;
+`make bench` runs it as part of ours (BENCHMARKS.md, "Flood").
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench import ab
 from bench.plan import MAX_MODEL_LEN, ROOT
 from bench.servers import Redis, free_port, http_ok, service, service_env
 
@@ -38,13 +39,6 @@ PROBE_SECONDS = 0.02
 def payload(max_tokens: int) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": max_tokens,
             "cache": {"use_cache": False}}
-
-
-def raw_post(host: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
-    data = json.dumps(body).encode()
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n{head}\r\n").encode() + data
 
 
 async def exchange(host: str, port: int, request: bytes) -> tuple[int, float, dict[str, str]]:
@@ -84,13 +78,14 @@ async def _flood(base_url: str, times: int, request_timeout: float) -> dict[str,
         kv, max_num_seqs = figures["kv_cache_tokens"], figures["max_num_seqs"]
         max_tokens = min(MAX_MODEL_LEN - 64, kv // 8)
         body = payload(max_tokens)
+        alone = time.perf_counter()
         prompt_tokens = (await http.post("/generate", json=body)).json()["usage"]["prompt_tokens"]
+        alone_ms = (time.perf_counter() - alone) * 1000  # a served request takes at least this
         at_once = min(max_num_seqs, kv // (prompt_tokens + max_tokens))
         # A round that runs at once: the drain rate of this shape of request is measured.
         warm = await asyncio.gather(*(http.post("/generate", json=body) for _ in range(at_once)))
         if {r.status_code for r in warm} != {200}:
             raise RuntimeError(f"the warm-up round was not served: {[r.status_code for r in warm]}")
-    request = raw_post(host, "/generate", body, {"X-Request-Timeout": f"{request_timeout:g}"})
     live_request = f"GET /health/live HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     live: list[tuple[int, float]] = []
     done = asyncio.Event()
@@ -101,42 +96,53 @@ async def _flood(base_url: str, times: int, request_timeout: float) -> dict[str,
             live.append((status, seconds))
             await asyncio.sleep(PROBE_SECONDS)
 
+    sent = times * at_once
+    flood_body = json.dumps(body).encode()
+    timeout_header = {"X-Request-Timeout": f"{request_timeout:g}"}
     prober = asyncio.create_task(probe())
     await asyncio.sleep(0.1)
     began = time.perf_counter()
-    results = await asyncio.gather(*(exchange(host, port, request) for _ in range(times * at_once)),
-                                   return_exceptions=True)
+    flooded = await asyncio.to_thread(ab.burst, f"{base_url}/generate", sent, flood_body, timeout_header)
     wall = time.perf_counter() - began
     done.set()
     await prober
-    # The floor of a burst on this machine and client: as many /health/live at once (nothing cheaper).
+    # The floor of a burst on this machine: as many /health/live at once by the same client (nothing cheaper).
     await asyncio.sleep(1.0)
-    burst = await asyncio.gather(*(exchange(host, port, live_request) for _ in range(times * at_once)))
-    ended = [r for r in results if not isinstance(r, BaseException)]
-    refused = [seconds for status, seconds, _ in ended if status == 429]
-    served = [seconds for status, seconds, _ in ended if status == 200]
-    statuses: dict[str, int] = {}
-    for status, _, _ in ended:
-        statuses[str(status)] = statuses.get(str(status), 0) + 1
-    live_seconds = [seconds for _, seconds in live]
-    return {
+    burst = await asyncio.to_thread(ab.burst, f"{base_url}/health/live", sent)
+    return summarise(flooded, burst, live, alone_ms) | {
         "at_once": at_once,
         "max_tokens": max_tokens,
         "kv_cache_tokens": kv,
         "request_timeout_seconds": request_timeout,
-        "sent": times * at_once,
-        "ended": len(ended),
-        "errors": [repr(r) for r in results if isinstance(r, BaseException)][:5],
-        "statuses": statuses,
-        "served": len(served),
-        "refused": len(refused),
-        "refused_with_retry_after": sum(1 for s, _, h in ended if s == 429 and "retry-after" in h),
-        "refusal": _ms(refused),
-        "served_seconds_max": round(max(served), 2) if served else None,
-        "live": {"probes": len(live), "ok": sum(1 for s, _ in live if s == 200)} | _ms(live_seconds),
-        "live_burst": {"sent": len(burst), "ok": sum(1 for s, _, _ in burst if s == 200)}
-        | _ms([seconds for _, seconds, _ in burst]),
+        "sent": sent,
+        "client": "ab (ApacheBench): every request on its own connection, all opened at once",
         "wall_seconds": round(wall, 2),
+    }
+
+
+def summarise(
+    flooded: dict[str, Any], burst: dict[str, Any], live: list[tuple[int, float]], served_least_ms: float
+) -> dict[str, Any]:
+    """The flood's figures from its `ab` burst: ab gives each request's time but not which status it
+    got, so the 429s' times are the fastest as many as there were 429s. That split is exact when every
+    one of them took less than a served request takes at the least (`served_least_ms`: one request
+    alone on the idle engine); `split_exact` says whether they did."""
+    statuses = flooded["statuses"]
+    refused, served = statuses.get("429", 0), statuses.get("200", 0)
+    ms = flooded["ms"]
+    refused_ms, rest_ms = ms[:refused], ms[refused:]
+    return {
+        "ended": sum(statuses.values()),
+        "statuses": statuses,
+        "served": served,
+        "refused": refused,
+        "refused_with_retry_after": flooded["retry_after"].get("429", 0),
+        "refusal": _ms([v / 1000 for v in refused_ms]),
+        "split_exact": not refused_ms or max(refused_ms) < served_least_ms,
+        "served_seconds_max": round(max(rest_ms) / 1000, 2) if rest_ms else None,
+        "live": {"probes": len(live), "ok": sum(1 for s, _ in live if s == 200)} | _ms([s for _, s in live]),
+        "live_burst": {"sent": len(burst["ms"]), "ok": burst["statuses"].get("200", 0)}
+        | _ms([v / 1000 for v in burst["ms"]]),
     }
 
 

@@ -168,8 +168,10 @@ def flood_lines(flood: dict[str, Any]) -> list[str]:
         "",
         f"{flood['sent']} requests (20 x the {flood['at_once']} that run at once, {flood['max_tokens']} tokens "
         f"reserved each, `X-Request-Timeout: {flood['request_timeout_seconds']:g}`) sent at once, one connection "
-        f"each; statuses {flood['statuses']}, {flood['ended']} of {flood['sent']} ended; "
-        f"{flood['refused_with_retry_after']} of {flood['refused']} 429s carry Retry-After. Client-measured ms:",
+        f"each ({flood.get('client', 'a Python asyncio client')}); statuses {flood['statuses']}, {flood['ended']} of "
+        f"{flood['sent']} ended; {flood['refused_with_retry_after']} of {flood['refused']} 429s carry Retry-After. "
+        "Client-measured ms" + ("" if flood.get("split_exact", True) else
+                                " (the 429s' times are the fastest as many: some served request was faster)") + ":",
         "",
     ]
     rows = [

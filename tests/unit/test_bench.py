@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import __main__ as bench_main
-from bench import ab, report, throughput
+from bench import ab, flood, report, throughput
 from bench.dataset import write_prompts
 from bench.plan import FULL, QUICK, SMOKE, workload
 from bench.soak import slope
@@ -159,6 +159,47 @@ def test_the_cache_table_gives_hits_against_the_floor_and_litellm_and_the_flood_
     text = "\n".join(report.flood_lines(flood))
     assert "## Flood" in text and "110 of 110 429s carry Retry-After" in text and "the floor" in text
     assert report.flood_lines({}) == []
+
+
+AB_LOG = """INFO: POST header ==
+---
+POST /generate HTTP/1.0
+---
+LOG: header received:
+HTTP/1.1 429 Too Many Requests
+date: Thu, 03 Dec 2026 16:16:50 GMT
+retry-after: 3
+content-type: application/json
+
+{"error": {"type": "overloaded"}}
+WARNING: Response code not 2xx (429)
+LOG: header received:
+HTTP/1.1 200 OK
+content-type: application/json
+
+LOG: header received:
+HTTP/1.1 429 Too Many Requests
+content-type: application/json
+
+..done
+"""
+AB_TIMES = """starttime\tseconds\tctime\tdtime\tttime\twait
+Thu Dec 03 16:16:50 2026\t1796314610\t1\t900\t901\t900
+Thu Dec 03 16:16:50 2026\t1796314610\t0\t12\t12\t11
+Thu Dec 03 16:16:50 2026\t1796314610\t1\t30\t31\t30
+"""
+
+
+def test_an_ab_burst_gives_each_status_its_retry_after_and_the_429s_the_fastest_times() -> None:
+    flooded = ab.parse_burst(AB_LOG, AB_TIMES)
+    assert flooded == {"statuses": {"429": 2, "200": 1}, "retry_after": {"429": 1}, "ms": [12, 31, 901]}
+    burst = {"statuses": {"200": 3}, "retry_after": {}, "ms": [5, 6, 40]}
+    figures = flood.summarise(flooded, burst, [(200, 0.004)], served_least_ms=300)
+    assert figures["refused"] == 2 and figures["served"] == 1 and figures["refused_with_retry_after"] == 1
+    assert figures["refusal"]["p99_ms"] == 31 and figures["served_seconds_max"] == 0.9 and figures["split_exact"]
+    assert figures["live_burst"] == {"sent": 3, "ok": 3, "p50_ms": 6.0, "p99_ms": 40.0, "max_ms": 40.0}
+    # A 429 as slow as a served request can be: the fastest times may then hold a served one, and it says so.
+    assert flood.summarise(flooded, burst, [], served_least_ms=25)["split_exact"] is False
 
 
 def test_soak_slope_tells_growth_from_noise_and_leaves_out_warm_up() -> None:
