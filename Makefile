@@ -74,8 +74,11 @@ $(DEMO_ADAPTER): | $(DEMO_MODEL)
 serve: setup
 	scripts/serve.sh $(BIN)/python
 
+# Two workers (pytest-xdist): the real-engine modules mostly wait on engines bound to one core each,
+# so two of them side by side take about half the time; TEST_WORKERS=0 for one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from llm_service.config.settings import DEMO_EMBEDDING_DIR, DEMO_MODEL_DIR, DEMO_MULTIMODAL_DIR
+from tests.conftest import worker_core
 
 from .otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: F401 (a session fixture)
 
@@ -25,6 +26,14 @@ KV_CACHE_ARGS = '{"kv_cache_memory_bytes": 536870912}'  # 512 MiB per engine
 # batch lets the admission tests fill it with a request the fixture's limits allow.
 RETRIEVAL_ENGINE_ARGS = '{"max_num_seqs": 8}'
 READY_TIMEOUT = 600.0  # seconds; an engine starts in about 30 s here, under load slower
+
+
+def other_core() -> str:
+    """A core other than the one this process's engines run on by default (tests/conftest.py)."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        return "auto"
+    return str(((worker_core() or 0) + 1) % cores)
 
 
 def free_port() -> int:
@@ -216,8 +225,9 @@ def service_env(
 
 def retrieval_env(redis_server: RedisServer) -> dict[str, str]:
     """The retrieval service's environment: only the retrieval slots loaded (embedding and rerank on
-    the demo models). Its engines run on the second core: vLLM's CPU build binds every engine's
-    worker to core 0, so the two shared services start side by side instead of in turn."""
+    the demo models). Its engines run on the other core than the shared service's: vLLM's CPU build
+    binds every engine's worker to one core, so the two shared services start side by side instead of
+    in turn."""
     return base_env(
         **embedding_env(),
         **rerank_env(),
@@ -226,7 +236,7 @@ def retrieval_env(redis_server: RedisServer) -> dict[str, str]:
         LLM_PRELOAD_MODELS="embedding,rerank",
         LLM_EMBEDDING_MAX_INPUTS="128",
         LLM_RERANK_MAX_DOCUMENTS="64",
-        VLLM_CPU_OMP_THREADS_BIND="1" if (os.cpu_count() or 1) > 1 else "auto",
+        VLLM_CPU_OMP_THREADS_BIND=other_core(),
     )
 
 

@@ -1,0 +1,79 @@
+"""Suite-wide: how `make test` spreads the tests over its workers (pytest-xdist, `--dist loadgroup`).
+
+A module's tests stay on one worker, so that a module's own server starts once; the tests on the
+shared services (the `service` and `retrieval_service` fixtures) form one group, and so do those on
+`faulty_slots_service`, so that each shared server starts on one worker only and no other test's
+traffic reaches it. vLLM's CPU build binds an engine's threads to core 0 unless told otherwise:
+each worker's engines get a core of their own.
+
+The groups come from each test's fixtures, which only the workers see (they collect; the controller
+that schedules does not). xdist's own `loadgroup` cannot carry them under pytest 9 (it renames
+`item._nodeid`, which pytest 9 no longer reads), so the workers write the groups to a file and the
+scheduler below reads it: workers finish collecting before anything is scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SHARED = ("service", "retrieval_service")
+GROUPS_FILE = "LLM_TEST_GROUPS_FILE"  # set by the controller, inherited by its workers
+
+
+def group_of(item: pytest.Item) -> str:
+    names = set(getattr(item, "fixturenames", ()))
+    if names & set(SHARED):
+        return "shared-services"
+    if "faulty_slots_service" in names:
+        return "faulty-slots-service"
+    return item.nodeid.split("::")[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "dist", "no") == "loadgroup" and not hasattr(config, "workerinput"):
+        os.environ[GROUPS_FILE] = str(Path(tempfile.mkdtemp(prefix="test-groups-")) / "groups.json")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    path, worker = os.environ.get(GROUPS_FILE), os.environ.get("PYTEST_XDIST_WORKER")
+    if path and worker:
+        partial = Path(f"{path}.{worker}")
+        partial.write_text(json.dumps({item.nodeid: group_of(item) for item in items}))
+        partial.replace(path)  # every worker collects the same tests: any complete file will do
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """Load-scope scheduling whose scope is the group the workers wrote (largest groups first)."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text())
+            return self.groups.get(nodeid) or nodeid.split("::")[0]
+
+    return GroupScheduling(config, log)
+
+
+def worker_core() -> int | None:
+    """The core this xdist worker's engines run on (None outside xdist or on one core)."""
+    worker, cores = os.environ.get("PYTEST_XDIST_WORKER", ""), os.cpu_count() or 1
+    if not worker.startswith("gw") or cores < 2:
+        return None
+    return int(worker[2:]) % cores
+
+
+if (core := worker_core()) is not None:  # inherited by every server a test starts
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(core))
