@@ -7,8 +7,10 @@ from collections import Counter
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
+from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from llm_service.app import EngineBackend, create_app
@@ -32,18 +34,27 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 cases: Counter[str] = Counter()
 
 
-@schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-def test_fuzzed_requests_get_documented_answers(case):
-    cases[case.operation.label] += 1
-    lift_deadline(case)
-    # positive_data_acceptance is left out: some rules (prompt xor messages, unsupported OpenAI
-    # fields) are not expressible in the JSON schema, so a schema-valid body may rightly get a 400.
-    case.call_and_validate(
-        headers={"x-api-key": API_KEY, "Authorization": f"Bearer {ADMIN_TOKEN}"},
-        additional_checks=[envelope_check],
-        excluded_checks=[positive_data_acceptance],
-    )
+OPERATIONS = [result.ok() for result in schema.get_all_operations()]
+
+
+# One test per operation, each with its own id: schemathesis' own `schema.parametrize()` gives every
+# operation the same node id, which pytest-xdist (make test) takes for one test and runs once.
+@pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])
+def test_fuzzed_requests_get_documented_answers(operation: APIOperation) -> None:
+    @given(case=st.one_of([operation.as_strategy(generation_mode=mode) for mode in GenerationMode]))
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def run(case: Case) -> None:
+        cases[case.operation.label] += 1
+        lift_deadline(case)
+        # positive_data_acceptance is left out: some rules (prompt xor messages, unsupported OpenAI
+        # fields) are not expressible in the JSON schema, so a schema-valid body may rightly get a 400.
+        case.call_and_validate(
+            headers={"x-api-key": API_KEY, "Authorization": f"Bearer {ADMIN_TOKEN}"},
+            additional_checks=[envelope_check],
+            excluded_checks=[positive_data_acceptance],
+        )
+
+    run()
 
 
 def test_enough_cases_were_fuzzed():
