@@ -9,7 +9,8 @@ each worker's engines get a core of their own.
 The groups come from each test's fixtures, which only the workers see (they collect; the controller
 that schedules does not). xdist's own `loadgroup` cannot carry them under pytest 9 (it renames
 `item._nodeid`, which pytest 9 no longer reads), so the workers write the groups to a file and the
-scheduler below reads it: workers finish collecting before anything is scheduled.
+scheduler below reads it: workers finish collecting before anything is scheduled. Tests marked
+`long` (a minute or more) are handed out first.
 """
 
 from __future__ import annotations
@@ -41,11 +42,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # xdist hands out tests by node id: two tests with one id would run once (schemathesis'
+    # `schema.parametrize()` did that to 18 operations). Refuse such a collection in every run.
+    seen: set[str] = set()
+    if twice := sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)}):
+        raise pytest.UsageError(f"tests share a node id, so make test would run them once: {twice[:5]}")
     path, worker = os.environ.get(GROUPS_FILE), os.environ.get("PYTEST_XDIST_WORKER")
-    if path and worker:
-        partial = Path(f"{path}.{worker}")
-        partial.write_text(json.dumps({item.nodeid: group_of(item) for item in items}))
-        partial.replace(path)  # every worker collects the same tests: any complete file will do
+    if not (path and worker):
+        return
+    groups = {item.nodeid: group_of(item) for item in items}
+    # The order work is handed out in: groups holding a `long` test first (a worker that starts one
+    # last idles the other at the end), then the larger groups. Every worker sorts the same way, so
+    # the collections (whose indexes the controller sends) stay identical.
+    long = {groups[item.nodeid] for item in items if item.get_closest_marker("long")}
+    sizes: dict[str, int] = {}
+    for group in groups.values():
+        sizes[group] = sizes.get(group, 0) + 1
+    first = {group: index for index, group in reversed(list(enumerate(groups.values())))}
+    items.sort(key=lambda item: (groups[item.nodeid] not in long, -sizes[groups[item.nodeid]],
+                                 first[groups[item.nodeid]]))
+    partial = Path(f"{path}.{worker}")
+    partial.write_text(json.dumps(groups))
+    partial.replace(path)  # every worker collects the same tests: any complete file will do
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -64,6 +82,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
                 self.groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text())
             return self.groups.get(nodeid) or nodeid.split("::")[0]
 
+    config.option.loadscopereorder = False  # the workers ordered the collection already
     return GroupScheduling(config, log)
 
 

@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, demo_model_path
+
+pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
 
 
 def test_bench_smoke_produces_every_section(tmp_path: Path) -> None:

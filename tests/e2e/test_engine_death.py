@@ -16,6 +16,8 @@ from tests.metrics_text import metric
 
 from .conftest import READY_TIMEOUT, ServiceProcess, wait_for
 
+pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+
 STREAM = {"model": "standard", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 400, "stream": True}
 
 

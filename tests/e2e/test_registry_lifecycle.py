@@ -14,6 +14,8 @@ from tests.metrics_text import metric
 from .conftest import ServiceProcess, base_env
 from .test_generate import CAPITAL
 
+pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def lazy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:

@@ -21,6 +21,8 @@ from llm_service.tools.demo_adapter import build_adapter
 
 from .conftest import KV_CACHE_ARGS, ROOT, ServiceProcess, base_env, demo_model_path, free_port, wait_for
 
+pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 24
 SLOT_VARS = ("LLM_MODEL_", "LLM_MAX_MODEL_LEN_", "LLM_MEMORY_SHARE_", "LLM_ENGINE_ARGS_")
