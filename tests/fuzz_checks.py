@@ -9,7 +9,8 @@ import schemathesis
 
 @schemathesis.check
 def envelope_check(ctx, response, case) -> None:
-    if response.status_code < 400:
+    # The probes answer with their own status object (documented: the schema checks validate it).
+    if response.status_code < 400 or case.path.startswith("/health"):
         return None
     body = json.loads(response.content)
     error = body.get("error") if isinstance(body, dict) else None

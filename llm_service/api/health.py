@@ -30,7 +30,11 @@ def overall_status(registry: ModelRegistry, dependencies: dict[str, dict[str, An
     return "healthy"
 
 
-@router.get("/health", summary="Service status with every slot and dependency")
+@router.get(
+    "/health",
+    summary="Service status with every slot and dependency",
+    responses={503: {"description": "Unhealthy: a preloaded slot is down (the same body, status `unhealthy`)"}},
+)
 async def health(resources: ResourcesDep) -> JSONResponse:
     registry = resources.registry
     services: dict[str, dict[str, Any]] = {
@@ -55,7 +59,17 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/health/ready", summary="Readiness: every preloaded slot is loaded and none failed")
+NOT_READY = {
+    503: {
+        "description": "Not ready: preloading, a preloaded model is down, or the service is shutting down",
+        "content": {"application/json": {"example": {"status": "not_ready", "reason": "preloading models"}}},
+    }
+}
+
+
+@router.get(
+    "/health/ready", summary="Readiness: every preloaded slot is loaded and none failed", responses=NOT_READY
+)
 async def ready(registry: RegistryDep, resources: ResourcesDep) -> JSONResponse:
     if resources.drain.draining:
         return JSONResponse({"status": "not_ready", "reason": "shutting down"}, status_code=503)
