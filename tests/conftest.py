@@ -10,13 +10,14 @@ The groups come from each test's fixtures, which only the workers see (they coll
 that schedules does not). xdist's own `loadgroup` cannot carry them under pytest 9 (it renames
 `item._nodeid`, which pytest 9 no longer reads), so the workers write the groups to a file and the
 scheduler below reads it: workers finish collecting before anything is scheduled. Tests marked
-`long` (a minute or more) are handed out first.
+`long(seconds)` (a minute or more) are handed out first, longest first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[GROUPS_FILE] = str(Path(tempfile.mkdtemp(prefix="test-groups-")) / "groups.json")
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and (path := os.environ.pop(GROUPS_FILE, None)):
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # xdist hands out tests by node id: two tests with one id would run once (schemathesis'
     # `schema.parametrize()` did that to 18 operations). Refuse such a collection in every run.
@@ -51,15 +57,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if not (path and worker):
         return
     groups = {item.nodeid: group_of(item) for item in items}
-    # The order work is handed out in: groups holding a `long` test first (a worker that starts one
-    # last idles the other at the end), then the larger groups. Every worker sorts the same way, so
-    # the collections (whose indexes the controller sends) stay identical.
-    long = {groups[item.nodeid] for item in items if item.get_closest_marker("long")}
+    # The order work is handed out in: groups holding a `long(seconds)` test first, longest first (a
+    # worker that starts one last idles the other at the end), then the larger groups. Every worker
+    # sorts the same way, so the collections (whose indexes the controller sends) stay identical.
+    seconds: dict[str, float] = {}
     sizes: dict[str, int] = {}
-    for group in groups.values():
+    for item in items:
+        group = groups[item.nodeid]
         sizes[group] = sizes.get(group, 0) + 1
+        if marker := item.get_closest_marker("long"):
+            seconds[group] = max(seconds.get(group, 0.0), float(marker.args[0]))
     first = {group: index for index, group in reversed(list(enumerate(groups.values())))}
-    items.sort(key=lambda item: (groups[item.nodeid] not in long, -sizes[groups[item.nodeid]],
+    items.sort(key=lambda item: (-seconds.get(groups[item.nodeid], 0.0), -sizes[groups[item.nodeid]],
                                  first[groups[item.nodeid]]))
     partial = Path(f"{path}.{worker}")
     partial.write_text(json.dumps(groups))

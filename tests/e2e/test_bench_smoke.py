@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import ROOT, demo_model_path
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(300)  # about 300 s here: started early by make test's workers (tests/conftest.py)
 
 
 def test_bench_smoke_produces_every_section(tmp_path: Path) -> None:

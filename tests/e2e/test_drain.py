@@ -15,8 +15,6 @@ import pytest
 
 from .conftest import RedisServer, ServiceProcess, base_env
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
-
 
 @pytest.fixture
 def draining_service(redis_server: RedisServer, tmp_path: Path):

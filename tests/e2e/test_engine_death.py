@@ -16,7 +16,7 @@ from tests.metrics_text import metric
 
 from .conftest import READY_TIMEOUT, ServiceProcess, wait_for
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(110)  # about 110 s here: started early by make test's workers (tests/conftest.py)
 
 STREAM = {"model": "standard", "prompt": "1, 2, 3, 4,", "temperature": 0, "max_tokens": 400, "stream": True}
 

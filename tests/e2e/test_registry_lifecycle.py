@@ -14,7 +14,7 @@ from tests.metrics_text import metric
 from .conftest import ServiceProcess, base_env
 from .test_generate import CAPITAL
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(120)  # about 120 s here: started early by make test's workers (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

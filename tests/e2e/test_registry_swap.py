@@ -12,7 +12,7 @@ from tests.metrics_text import metric
 
 from .conftest import ServiceProcess, base_env
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(130)  # about 130 s here: started early by make test's workers (tests/conftest.py)
 
 SLOTS = ("standard", "longctx")
 REQUESTS_PER_CLIENT = 3

@@ -21,7 +21,7 @@ from llm_service.tools.demo_adapter import build_adapter
 
 from .conftest import KV_CACHE_ARGS, ROOT, ServiceProcess, base_env, demo_model_path, free_port, wait_for
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(150)  # about 150 s here: started early by make test's workers (tests/conftest.py)
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 24

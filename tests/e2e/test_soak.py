@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import ROOT, demo_model_path
 
-pytestmark = pytest.mark.long  # started first by make test's workers (tests/conftest.py)
+pytestmark = pytest.mark.long(100)  # about 100 s here: started early by make test's workers (tests/conftest.py)
 
 
 def test_soak_short_form_samples_every_figure_and_stays_healthy(tmp_path: Path) -> None:
