@@ -1,9 +1,9 @@
 """Suite-wide: how `make test` spreads the tests over its workers (pytest-xdist, `--dist loadgroup`).
 
-A module's tests stay on one worker, so that a module's own server starts once; the tests on the
-shared services (the `service` and `retrieval_service` fixtures) form one group, and so do those on
-`faulty_slots_service`, so that each shared server starts on one worker only and no other test's
-traffic reaches it. vLLM's CPU build binds an engine's threads to core 0 unless told otherwise:
+A module's tests stay on one worker, so that a module's own server starts once; the tests on each
+shared service (the `service` fixture, the `retrieval_service` fixture, `faulty_slots_service`) form
+one group, so that each shared server starts on one worker only and no other test's traffic reaches it.
+vLLM's CPU build binds an engine's threads to core 0 unless told otherwise:
 each worker's engines get a core of their own.
 
 The groups come from each test's fixtures, which only the workers see (they collect; the controller
@@ -24,16 +24,15 @@ from typing import Any
 
 import pytest
 
-SHARED = ("service", "retrieval_service")
+SHARED = ("service", "retrieval_service", "faulty_slots_service")  # a test on two is grouped by the first
 GROUPS_FILE = "LLM_TEST_GROUPS_FILE"  # set by the controller, inherited by its workers
 
 
 def group_of(item: pytest.Item) -> str:
     names = set(getattr(item, "fixturenames", ()))
-    if names & set(SHARED):
-        return "shared-services"
-    if "faulty_slots_service" in names:
-        return "faulty-slots-service"
+    for shared in SHARED:
+        if shared in names:
+            return shared
     return item.nodeid.split("::")[0]
 
 

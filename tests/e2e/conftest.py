@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -240,45 +240,67 @@ def retrieval_env(redis_server: RedisServer) -> dict[str, str]:
     )
 
 
+class SharedServices:
+    """The session's shared services, each started once: side by side at the session's start when one
+    process runs every test, on first use under make test's workers (tests/conftest.py gives each
+    shared service's tests a worker of their own, and no worker should start one it never uses)."""
+
+    def __init__(self, envs: dict[str, Callable[[], dict[str, str]]], tmp: pytest.TempPathFactory) -> None:
+        self.envs = envs
+        self.tmp = tmp
+        self.started: dict[str, ServiceProcess] = {}
+
+    def start(self, name: str) -> ServiceProcess:
+        if name not in self.started:
+            proc = ServiceProcess(self.envs[name](), self.tmp.mktemp(name) / "service.log")
+            proc.start(ready=False)
+            self.started[name] = proc
+        return self.started[name]
+
+    def ready(self, name: str) -> ServiceProcess:
+        proc = self.start(name)
+        proc.wait("/health/ready")
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.started.values():
+            proc.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_services(
     request: pytest.FixtureRequest,
     service_env: dict[str, str],
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[str, ServiceProcess]]:
-    """The session's shared services that the collected tests use, started side by side (each
-    fixture below waits for its own readiness). A service added here is started with the others."""
-    envs = {"service": lambda: service_env, "retrieval_service": lambda: retrieval_env(redis_server)}
-    needed = {name for item in request.session.items for name in envs if name in getattr(item, "fixturenames", ())}
-    started = {}
+) -> Iterator[SharedServices]:
+    """The shared services (each fixture below waits for its own readiness). A service added here
+    starts with the others."""
+    services = SharedServices(
+        {"service": lambda: service_env, "retrieval_service": lambda: retrieval_env(redis_server)}, tmp_path_factory
+    )
     try:
-        for name in sorted(needed):
-            proc = ServiceProcess(envs[name](), tmp_path_factory.mktemp(name) / "service.log")
-            proc.start(ready=False)
-            started[name] = proc
-        yield started
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            items = request.session.items
+            for name in sorted(n for n in services.envs if any(n in getattr(i, "fixturenames", ()) for i in items)):
+                services.start(name)
+        yield services
     finally:
-        for proc in started.values():
-            proc.stop()
+        services.stop()
 
 
-def shared_service(shared_services: dict[str, ServiceProcess], name: str) -> ServiceProcess:
-    proc = shared_services.get(name)
-    if proc is None:
-        pytest.fail(f"{name} was not started: no collected test asked for it")
-    proc.wait("/health/ready")
-    return proc
+def shared_service(shared_services: SharedServices, name: str) -> ServiceProcess:
+    return shared_services.ready(name)
 
 
 @pytest.fixture(scope="session")
-def service(shared_services: dict[str, ServiceProcess]) -> ServiceProcess:
+def service(shared_services: SharedServices) -> ServiceProcess:
     """The shared real service: standard preloaded, longctx and multimodal lazy."""
     return shared_service(shared_services, "service")
 
 
 @pytest.fixture(scope="session")
-def retrieval_service(shared_services: dict[str, ServiceProcess]) -> ServiceProcess:
+def retrieval_service(shared_services: SharedServices) -> ServiceProcess:
     """A service with only the retrieval slots loaded (embedding and rerank on the demo models),
     shared by the embeddings, rerank and docs tests: two engine starts per session, not per suite."""
     return shared_service(shared_services, "retrieval_service")
