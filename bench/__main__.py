@@ -75,13 +75,19 @@ def meta(plan: Plan) -> dict[str, Any]:
     }
 
 
-def merged(earlier: dict[str, Any], rerun: dict[str, Any], sections: list[str]) -> dict[str, Any]:
-    """An earlier run's results with `sections` replaced by a re-run's; the re-run is listed in the meta."""
+def merged(
+    earlier: dict[str, Any], rerun: dict[str, Any], sections: list[str], parts: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """An earlier run's results with `sections` replaced by a re-run's; with `parts`, only those parts
+    of ours (and its server figures) are replaced, the rest of ours is kept. The re-run is listed in the meta."""
     if earlier["meta"]["plan"] != rerun["meta"]["plan"]:
         raise ValueError(f"cannot merge a {rerun['meta']['plan']} run into a {earlier['meta']['plan']} run")
     result = {**earlier, **{s: rerun[s] for s in sections if s in rerun}}
+    if parts and "ours" in sections and "ours" in rerun:
+        result["ours"] = {**earlier.get("ours", {}), **rerun["ours"]}
     keep = ("date", "commit", "wall_seconds", "machine")
-    entry = {"sections": sections} | {k: rerun["meta"][k] for k in keep if k in rerun["meta"]}
+    entry = {"sections": sections} | ({"parts": list(parts)} if parts else {}) | {
+        k: rerun["meta"][k] for k in keep if k in rerun["meta"]}
     result["meta"] = {**earlier["meta"], "reruns": [*earlier["meta"].get("reruns", []), entry]}
     return result
 
@@ -192,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded(results, "bare", lambda: throughput.run_bare(plan, files, out))
     if "vllm-serve" in only:
         guarded(results, "vllm-serve", lambda: run_vllm_serve(plan, files, out))
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if "ours" in only:
-        parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
         guarded(results, "ours", lambda: run_ours(plan, files, out, parts))
     if "swap" in only:
         guarded(results, "swap", lambda: run_swap(plan, out))
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = out / "results.json"
     if args.into is not None:
-        results = merged(json.loads(path.read_text()), results, only)
+        results = merged(json.loads(path.read_text()), results, only, parts)
     path.write_text(json.dumps(results, indent=2))
     log(f"results in {path} ({results['meta']['wall_seconds']:.0f} s)")
     if args.report:

@@ -277,7 +277,9 @@ def render(results: dict[str, Any], plot_names: list[str], plots_rel: str, notes
     ]
     for rerun in m.get("reruns", []):
         lines.append(
-            f"- Re-run into this report: {', '.join(rerun['sections'])} on {rerun.get('date')}, commit "
+            f"- Re-run into this report: {', '.join(rerun['sections'])}"
+            + (f" ({', '.join(rerun['parts'])} only)" if rerun.get("parts") else "")
+            + f" on {rerun.get('date')}, commit "
             f"`{rerun.get('commit')}`, {rerun.get('wall_seconds', 0):.0f} s wall (`python -m bench --only ... --into`)."
         )
     for w in m["workloads"]:

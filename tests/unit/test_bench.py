@@ -92,6 +92,11 @@ def test_a_rerun_replaces_only_its_sections_and_is_listed() -> None:
     assert "Re-run into this report: ours on 2026-11-30T10:00:00Z, commit `def5678`" in text
     with pytest.raises(ValueError):
         bench_main.merged(earlier, {**rerun, "meta": {**rerun["meta"], "plan": "full"}}, ["ours"])
+    # `--parts flood`: ours keeps its other parts (its runs and cache), the flood is the re-run's.
+    flood_only = {"meta": rerun["meta"], "ours": {"flood": {"sent": 140}, "server": {"start_seconds": 20}}}
+    part = bench_main.merged(earlier, flood_only, ["ours"], ("flood",))
+    assert part["ours"] == {**earlier["ours"], "flood": {"sent": 140}, "server": {"start_seconds": 20}}
+    assert part["meta"]["reruns"][0]["parts"] == ["flood"]
 
 
 def run(server: str, endpoint: str, c: int, tok_s: float, ttft: float) -> dict[str, Any]:
