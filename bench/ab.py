@@ -45,22 +45,29 @@ def parse(report: str, percentiles_csv: str) -> dict[str, Any]:
     }
 
 
+def _ab(options: list[str], url: str, tmp: Path, body: bytes | None, headers: dict[str, str] | None) -> str:
+    """Run `ab` with `options` on url (POST of a JSON body when given, else GET); its stdout."""
+    cmd = [ab_binary(), *options]
+    if body is not None:
+        (tmp / "body.json").write_bytes(body)
+        cmd += ["-p", str(tmp / "body.json"), "-T", "application/json"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ab failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
 def run(
     url: str, requests: int, concurrency: int, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """`ab -n requests -c concurrency` on url (POST of a JSON body when given, else GET), keep-alive."""
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         out = Path(tmp) / "percentiles.csv"
-        cmd = [ab_binary(), "-q", "-k", "-n", str(requests), "-c", str(concurrency), "-e", str(out)]
-        if body is not None:
-            (Path(tmp) / "body.json").write_bytes(body)
-            cmd += ["-p", str(Path(tmp) / "body.json"), "-T", "application/json"]
-        for name, value in (headers or {}).items():
-            cmd += ["-H", f"{name}: {value}"]
-        done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"ab failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        figures = parse(done.stdout, out.read_text() if out.exists() else "")
+        options = ["-q", "-k", "-n", str(requests), "-c", str(concurrency), "-e", str(out)]
+        report = _ab(options, url, Path(tmp), body, headers)
+        figures = parse(report, out.read_text() if out.exists() else "")
     figures["concurrency"] = concurrency
     return figures
 
@@ -72,16 +79,9 @@ def burst(url: str, requests: int, body: bytes | None = None, headers: dict[str,
     so the times are the server's and the machine's, not a Python client's."""
     with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
         times = Path(tmp) / "times.tsv"
-        cmd = [ab_binary(), "-v", "2", "-n", str(requests), "-c", str(requests), "-g", str(times)]
-        if body is not None:
-            (Path(tmp) / "body.json").write_bytes(body)
-            cmd += ["-p", str(Path(tmp) / "body.json"), "-T", "application/json"]
-        for name, value in (headers or {}).items():
-            cmd += ["-H", f"{name}: {value}"]
-        done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"ab failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        return parse_burst(done.stdout, times.read_text())
+        options = ["-v", "2", "-n", str(requests), "-c", str(requests), "-g", str(times)]
+        log = _ab(options, url, Path(tmp), body, headers)
+        return parse_burst(log, times.read_text())
 
 
 def parse_burst(log: str, times_tsv: str) -> dict[str, Any]:
