@@ -59,7 +59,7 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-NOT_READY = {
+NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {
         "description": "Not ready: preloading, a preloaded model is down, or the service is shutting down",
         "content": {"application/json": {"example": {"status": "not_ready", "reason": "preloading models"}}},
