@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # xdist hands out tests by node id: two tests with one id would run once (schemathesis'
     # `schema.parametrize()` did that to 18 operations). Refuse such a collection in every run.
-    seen: set[str] = set()
-    if twice := sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)}):
+    if twice := sorted(nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1):
         raise pytest.UsageError(f"tests share a node id, so make test would run them once: {twice[:5]}")
     path, worker = os.environ.get(GROUPS_FILE), os.environ.get("PYTEST_XDIST_WORKER")
     if not (path and worker):

@@ -289,21 +289,17 @@ def shared_services(
         services.stop()
 
 
-def shared_service(shared_services: SharedServices, name: str) -> ServiceProcess:
-    return shared_services.ready(name)
-
-
 @pytest.fixture(scope="session")
 def service(shared_services: SharedServices) -> ServiceProcess:
     """The shared real service: standard preloaded, longctx and multimodal lazy."""
-    return shared_service(shared_services, "service")
+    return shared_services.ready("service")
 
 
 @pytest.fixture(scope="session")
 def retrieval_service(shared_services: SharedServices) -> ServiceProcess:
     """A service with only the retrieval slots loaded (embedding and rerank on the demo models),
     shared by the embeddings, rerank and docs tests: two engine starts per session, not per suite."""
-    return shared_service(shared_services, "retrieval_service")
+    return shared_services.ready("retrieval_service")
 
 
 @pytest.fixture(scope="session")

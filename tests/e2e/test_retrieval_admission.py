@@ -48,13 +48,12 @@ def _rerank_body(service: ServiceProcess) -> dict[str, Any]:
             "documents": [f"{i} {TEXT}" for i in range(count)]}
 
 
-def _measured(service: ServiceProcess, path: str, body: dict[str, Any], slot: str) -> dict[str, Any]:
-    """The slot's figures once a request of `body` has finished on it, so that its drain rate is measured."""
+def _measured(service: ServiceProcess, path: str, body: dict[str, Any], slot: str) -> None:
+    """Finish a request of `body` on the slot, so that its drain rate is measured."""
     done = httpx.post(service.base_url + path, json=body, headers=NO_CACHE, timeout=300)
     assert done.status_code == 200, done.text
     figures = _figures(service, slot)
     assert figures["drain_tokens_per_second"], figures
-    return figures
 
 
 @pytest.mark.parametrize(("slot", "path"), [("embedding", "/v1/embeddings"), ("rerank", "/v1/rerank")])
