@@ -55,11 +55,22 @@ def error_responses(envelope: type[BaseModel], *statuses: int) -> dict[int | str
     return responses
 
 
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "One Server-Sent Event: `data: <JSON>`",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+    "required": ["data"],
+}
+
+
 def streaming_response(description: str) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that streams Server-Sent Events when the body asks for `stream: true`."""
     return {
         200: {
             "description": description,
-            "content": {"text/event-stream": {"schema": {"type": "string", "description": "data: <JSON> events"}}},
+            # The schema of one event (as OpenAPI 3.2's itemSchema and schemathesis read it): its `data`
+            # is a JSON chunk, or `[DONE]` at the end of an OpenAI stream.
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         }
     }
