@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 from schemathesis import APIOperation, Case, GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from llm_service.app import EngineBackend, create_app
@@ -48,10 +49,13 @@ def test_fuzzed_requests_get_documented_answers(operation: APIOperation) -> None
         lift_deadline(case)
         # positive_data_acceptance is left out: some rules (prompt xor messages, unsupported OpenAI
         # fields) are not expressible in the JSON schema, so a schema-valid body may rightly get a 400.
+        # Each call starts the app anew: a probe may meet the (fake) preload still running, and its
+        # documented answer then is 503, not a server error.
+        probe = [not_a_server_error] if operation.path.startswith("/health") else []
         case.call_and_validate(
             headers={"x-api-key": API_KEY, "Authorization": f"Bearer {ADMIN_TOKEN}"},
             additional_checks=[envelope_check],
-            excluded_checks=[positive_data_acceptance],
+            excluded_checks=[positive_data_acceptance, *probe],
         )
 
     run()
