@@ -42,7 +42,7 @@ def slot_file(path: Path, adapter: Path) -> Path:
         "multimodal": slot(demo_model_path(DEMO_MULTIMODAL_DIR)),
         "embedding": slot(demo_model_path(DEMO_EMBEDDING_DIR), "embedding", 256, preload=True),
         "rerank": slot(demo_model_path(DEMO_EMBEDDING_DIR), "rerank", 256, preload=True),
-        # float32 as the vllm serve beside it: on a CPU with AVX-512 BF16 the service would run bf16, and a
+        # float32 as the vllm serve beside it: on a CPU with AVX-512 BF16 and no AMX the service would run bf16, and a
         # random adapter's near-tie logits turn that difference into another answer after a few tokens.
         "fast": slot(demo, preload=True, adapters=[{"name": "demo-lora", "path": str(adapter)}], max_lora_rank=8,
                      engine_args={**kv, "dtype": "float32"}),
