@@ -1,0 +1,41 @@
+"""What vLLM's process-wide caches keep of a stopped engine, and that an engine's shutdown lets it go.
+
+The soak (BENCHMARKS.md) saw the API process grow by about 40 MiB at every engine load: vLLM's
+`supports_kw` cache, asked about each engine's `apply_chat_template` (a function vLLM defines anew
+per engine, whose closure holds that engine's tokenizers), kept them after the engine stopped."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+
+from vllm.utils.func_utils import supports_kw
+
+from llm_service.engines.vllm.engine import release_engine_caches
+
+
+class Tokenizer:
+    """Stands for an engine's tokenizers (its vocabularies: tens of MiB)."""
+
+
+def engine_chat_template(tokenizer: Tokenizer) -> Callable[..., object]:
+    """As vLLM's tokenizer pool builds one per engine: a new function closing over the tokenizer."""
+
+    def apply_chat_template(conversation: object, add_generation_prompt: bool = False) -> object:
+        return tokenizer
+
+    return apply_chat_template
+
+
+def test_vllms_supports_kw_keeps_a_stopped_engines_tokenizers_and_release_lets_them_go() -> None:
+    tokenizer = Tokenizer()
+    alive = weakref.ref(tokenizer)
+    # What vLLM's renderer asks for every chat request (renderers/hf.py, resolve_chat_template_kwargs).
+    assert supports_kw(engine_chat_template(tokenizer), "add_generation_prompt", allow_var_kwargs=False)
+    del tokenizer
+    gc.collect()
+    assert alive() is not None  # the installed vLLM still caches by the function: the workaround is needed
+    release_engine_caches()
+    gc.collect()
+    assert alive() is None
