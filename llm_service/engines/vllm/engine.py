@@ -183,8 +183,7 @@ class VLLMEngine:
                 # the parent only sees "Engine core initialization failed".
                 raise EngineError(f"engine {self.config.slot} failed to start: {exc}") from exc
             if self._closed:
-                await asyncio.to_thread(llm.shutdown)
-                multiprocessing.active_children()
+                await _stopped(llm)
                 raise EngineError(f"engine {self.config.slot} was shut down while starting")
             try:
                 self._renderer = PromptRenderer(llm, self.config)
@@ -192,8 +191,7 @@ class VLLMEngine:
                     check_scorer(llm, self.config.slot)
                     self._scorer = PairScorer(llm)
             except Exception as exc:
-                await asyncio.to_thread(llm.shutdown)
-                multiprocessing.active_children()
+                await _stopped(llm)
                 raise EngineError(f"engine {self.config.slot} cannot serve: {exc}") from exc
             self._llm = llm
         finally:
@@ -421,13 +419,18 @@ class VLLMEngine:
         if llm is None:
             return
         started = time.monotonic()
-        # AsyncLLM.shutdown joins the child processes (seconds); off the loop so other engines serve.
-        await asyncio.to_thread(llm.shutdown)
-        # vLLM SIGKILLs an engine core that outlives its 5 s grace without reaping it; reap exited
-        # children so reloads do not pile up zombies.
-        multiprocessing.active_children()
-        release_engine_caches()
+        await _stopped(llm)
         log.info("vllm_engine.stopped", slot=self.config.slot, seconds=round(time.monotonic() - started, 1))
+
+
+async def _stopped(llm: AsyncLLM) -> None:
+    """Stop an AsyncLLM and everything it leaves behind in this process."""
+    # AsyncLLM.shutdown joins the child processes (seconds); off the loop so other engines serve.
+    await asyncio.to_thread(llm.shutdown)
+    # vLLM SIGKILLs an engine core that outlives its 5 s grace without reaping it; reap exited
+    # children so reloads do not pile up zombies.
+    multiprocessing.active_children()
+    release_engine_caches()
 
 
 def release_engine_caches() -> None:
