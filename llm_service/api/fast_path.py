@@ -9,13 +9,21 @@ validates the body with the route's own model, builds the route's own Generation
 anything malformed, unauthorised or streamed from the cache) goes on unchanged to the routes,
 which answer exactly as before. Nothing is counted or traced twice: `answer_now` counts only
 what it answers.
+
+In a burst, a request admission lets through to wait (the engine cannot start it at once) lets the
+burst's later arrivals be decided first (`ArrivalGate`): its route's first step (rendering,
+tokenising, handing it to the engine) costs a few milliseconds of the event loop, while a refusal
+costs a fraction of one, and the request would wait for the engine anyway. A request the engine
+starts at once goes on after one turn of the event loop, or with the waiting ones if a burst is
+arriving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +51,75 @@ class FastRoute:
     render: Callable[[GenerationResult, Any], dict[str, Any]]
 
 
+# A waiting request yields in steps of GATE_STEP_SECONDS while requests keep arriving, at most
+# GATE_LIMIT_SECONDS in all: about what a burst of a few hundred refusals takes to decide here.
+GATE_STEP_SECONDS = 0.001
+GATE_LIMIT_SECONDS = 0.2
+
+
+class ArrivalGate:
+    """Lets requests that will wait anyway go on only once arrivals pause (or after `limit`): the
+    first such request watches the arrivals, the ones after it wait for it and go on with it, in
+    the order they came (one timer however many wait). Arrivals are the requests admission decided
+    on (refused or admitted): memory hits are not counted, so a stream of them holds nothing back."""
+
+    def __init__(
+        self,
+        step: float = GATE_STEP_SECONDS,
+        limit: float = GATE_LIMIT_SECONDS,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.step = step
+        self.limit = limit
+        self._clock = clock
+        self._sleep = sleep
+        self.arrivals = 0
+        self._passage: asyncio.Future[None] | None = None  # set when the waiting requests go on
+
+    def arrived(self) -> None:
+        self.arrivals += 1
+
+    async def after_arrivals(self, waits: bool) -> None:
+        """Let the requests arriving meanwhile be decided first. One turn of the event loop (what it
+        already holds runs before this task); then, if requests arrived meanwhile (a burst) or this
+        one `waits` for the engine anyway, until a whole step passes with no arrival, or `limit`
+        after the first of the burst began to wait. A request alone goes on after the one turn."""
+        seen = self.arrivals
+        await self._sleep(0)
+        if not waits and self.arrivals == seen:
+            return
+        if self._passage is not None:
+            await asyncio.shield(self._passage)  # the watcher leaving (or cancelled) lets it go
+            return
+        self._passage = asyncio.get_running_loop().create_future()
+        try:
+            await self._watch()
+        finally:
+            passage, self._passage = self._passage, None
+            passage.set_result(None)
+
+    async def _watch(self) -> None:
+        clock = self._clock or asyncio.get_running_loop().time
+        until = clock() + self.limit
+        seen = -1
+        while seen != self.arrivals and clock() < until:
+            seen = self.arrivals
+            await self._sleep(self.step)
+
+
 class FastPath:
     """ASGI middleware in front of the request guard for the routes in `routes` (POST)."""
 
-    def __init__(self, app: ASGIApp, routes: Mapping[str, FastRoute], max_body_bytes: int, drain: Drain) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: Mapping[str, FastRoute], max_body_bytes: int, drain: Drain,
+        gate: ArrivalGate | None = None,
+    ) -> None:
         self.app = app
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.drain = drain
+        self.gate = gate or ArrivalGate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -75,14 +144,19 @@ class FastPath:
         try:
             response = await _answer_now(route, resources, scope, headers, body)
         except ServiceError as exc:  # counted and traced by answer_now
+            self.gate.arrived()  # refused
             response = error_response(exc, renderer_for_path(scope["path"]))
-        if response is not None:
+        if response is not None:  # a memory hit: no engine, not an arrival the gate counts
             await response(scope, receive, send)
             return
+        reservation = record_of(scope).reservation
+        if reservation is not None:
+            self.gate.arrived()
         try:
+            if reservation is not None:
+                await self.gate.after_arrivals(reservation.waits)
             await self.app(scope, replaying(body, receive), send)
         finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)
-            reservation = record_of(scope).reservation
             if reservation is not None:
                 reservation.release()
 

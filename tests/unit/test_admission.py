@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import random
 import time
+from typing import Any
 
 import pytest
 
@@ -149,6 +152,31 @@ async def test_arrivals_reserve_their_least_work_until_their_exact_work_replaces
     assert controller.snapshot()["a"]["drain_tokens_per_second"] == 6_000  # drained in one second of the clock
 
 
+async def test_at_start_only_its_own_work_turns_a_request_admitted_on_arrival_into_a_429():
+    """The deadline is decided on arrival. At start a request is refused only when its own work, now
+    known, adds more to its wait than it had to spare then: not because time passed on the way to the
+    engine (a burst being decided first) or the estimate of the queue ahead moved."""
+    now = [0.0]
+    controller = AdmissionController(["a"], AdmissionPolicy(AdmissionLimits()), Metrics(), lambda slot: CAPACITY,
+                                     clock=lambda: now[0])
+    async with controller.admit("a", Work(1, 1_000)) as measured:
+        measured.start(Work(1, 1_000), CAPACITY)
+        now[0] = 1.0
+    assert controller.snapshot()["a"]["drain_tokens_per_second"] == 1_000  # the clock stands still from here
+    loop = asyncio.get_running_loop()
+    async with controller.admit("a", Work(1, 10_000)) as full:
+        full.start(Work(1, 10_000), CAPACITY)  # the KV cache is full: the next ones queue
+        # Expected to start in 1 s, 2 s before its deadline.
+        async with controller.admit("a", Work(1, 1_000), deadline=loop.time() + 3) as moved:
+            # Its deadline is 0.5 s away when it reaches the engine, 1.5 s of queue ahead: still admitted.
+            moved.start(Work(1, 1_500), CAPACITY, deadline=loop.time() + 0.5)
+            # Expected to start in 2.5 s, 0.5 s to spare; its prompt adds 1 s.
+            async with controller.admit("a", Work(1, 1_000), deadline=loop.time() + 3) as grown:
+                with pytest.raises(Overloaded) as refused:
+                    grown.start(Work(1, 2_000), CAPACITY, deadline=loop.time() + 3)
+                assert refused.value.retry_after == 4
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "envelope_keys"),
     [
@@ -272,3 +300,50 @@ async def test_health_shows_the_engine_capacity_before_any_request():
         assert admission["standard"]["bound"] is None
         assert admission["standard"]["kv_cache_tokens"] == 65536 and admission["standard"]["max_num_seqs"] == 8
         assert admission["longctx"]["bound"] == 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_the_held_work_follows_every_schedule_of_reservations_starts_and_ends(seed: int) -> None:
+    """Seeded schedules of arrivals (reserved or admitted), starts with more or less work than
+    reserved, refusals, releases and ends: after every step the held tokens and sequences /health
+    shows are those of the requests still held (a failing seed replays)."""
+    rng = random.Random(seed)
+    controller = AdmissionController(["a"], AdmissionPolicy(AdmissionLimits(per_batch=3.0)), Metrics(),
+                                     lambda slot: CAPACITY)
+    held: dict[int, Work] = {}  # the model: what each live request holds
+    live: dict[int, tuple[contextlib.AsyncExitStack, Any]] = {}
+    reservations: dict[int, Any] = {}
+    for step in range(150):
+        action = rng.choice(["reserve", "admit", "release", "start", "end"])
+        least = Work(rng.randint(1, 2), rng.randint(1, 3_000))
+        if action == "reserve":
+            with contextlib.suppress(Overloaded):
+                reservations[step] = controller.reserve("a", least)
+                held[step] = least
+        elif action == "admit" and reservations:
+            key = rng.choice(list(reservations))
+            stack = contextlib.AsyncExitStack()
+            admission = await stack.enter_async_context(controller.admit("a", least, reservation=reservations.pop(key)))
+            live[key] = (stack, admission)
+        elif action == "release" and reservations:
+            key = rng.choice(list(reservations))
+            reservations.pop(key).release()
+            del held[key]
+        elif action == "start" and live:
+            key = rng.choice(list(live))
+            if live[key][1].started:  # a second start changes nothing
+                continue
+            work = Work(held[key].sequences, max(1, held[key].tokens + rng.randint(-500, 2_000)))
+            with contextlib.suppress(Overloaded):
+                live[key][1].start(work, CAPACITY)
+                held[key] = work
+        elif action == "end" and live:
+            key = rng.choice(list(live))
+            stack, _ = live.pop(key)
+            await stack.aclose()
+            del held[key]
+        figures = controller.snapshot()["a"]
+        assert figures["held_tokens"] == sum(w.tokens for w in held.values()), (seed, step, action)
+        assert figures["waiting"] + figures["running"] == sum(w.sequences for w in held.values()), (seed, step)
+    for stack, _ in live.values():
+        await stack.aclose()

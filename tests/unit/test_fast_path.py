@@ -10,6 +10,7 @@ import httpx
 import pytest
 import redis
 
+from llm_service.api.fast_path import ArrivalGate
 from llm_service.config.settings import LLMSettings
 from llm_service.serving.generation import GenerationService
 
@@ -22,6 +23,20 @@ __all__ = ["redis_process", "store"]
 
 CHAT = {"model": "standard", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "temperature": 0}
+
+
+@pytest.fixture
+def gate_arrivals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per arrival the fast path's gate counted (requests admission decided on)."""
+    counted: list[int] = []
+    arrived = ArrivalGate.arrived
+
+    def counting(self: ArrivalGate) -> None:
+        counted.append(1)
+        arrived(self)
+
+    monkeypatch.setattr(ArrivalGate, "arrived", counting)
+    return counted
 
 
 @pytest.fixture
@@ -54,7 +69,7 @@ def without_volatile(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_a_memory_hit_is_answered_before_the_route_with_the_routes_body(
-    redis_process: RedisProcess, store: redis.Redis, route_calls: list[str]
+    redis_process: RedisProcess, store: redis.Redis, route_calls: list[str], gate_arrivals: list[int]
 ) -> None:
     async with replica(redis_process) as (client, resources):
         for path, body in (("/generate", GREEDY), ("/v1/chat/completions", CHAT)):
@@ -72,6 +87,7 @@ async def test_a_memory_hit_is_answered_before_the_route_with_the_routes_body(
         assert metric(text, "llm_cache_hits_total", model="standard") == 2
         assert metric(text, "llm_cache_local_hits_total", model="standard") == 2
         assert metric(text, "llm_requests_total", model="standard", status="success", code="200") == 4
+        assert gate_arrivals == []  # hits (and cacheable misses) never hold an admitted request back
 
 
 async def test_cache_controls_and_streams_go_to_the_route(
@@ -119,7 +135,9 @@ async def test_a_hit_needs_the_api_key(redis_process: RedisProcess, store: redis
         assert route_calls == []
 
 
-async def test_admissions_refusal_is_answered_before_the_route(route_calls: list[str]) -> None:
+async def test_admissions_refusal_is_answered_before_the_route(
+    route_calls: list[str], gate_arrivals: list[int]
+) -> None:
     async with app_client(engine={"token_delay": 0.2}, max_pending_per_slot=1) as (client, _):
         busy = asyncio.create_task(client.post("/generate", json={"prompt": "a b c d"}))
         assert await eventually(lambda: route_calls)
@@ -139,6 +157,7 @@ async def test_admissions_refusal_is_answered_before_the_route(route_calls: list
         assert metric(text, "llm_requests_refused_total", model="standard", reason="slot") == 3
         assert metric(text, "llm_requests_total", model="standard", status="overloaded", code="429") == 3
         assert metric(text, "llm_requests_waiting", model="standard") == 0
+        assert len(gate_arrivals) == 4  # the busy request's admission and the three refusals
 
 
 async def test_a_burst_decided_before_the_routes_admits_no_more_than_the_bound(route_calls: list[str]) -> None:
@@ -151,3 +170,33 @@ async def test_a_burst_decided_before_the_routes_admits_no_more_than_the_bound(r
         assert len(route_calls) == 2  # the refused never reached a route
         figures = (await client.get("/health")).json()["admission"]["standard"]
         assert figures["waiting"] == 0 and figures["running"] == 0 and figures["held_tokens"] == 0
+
+
+TURNS_BETWEEN_ARRIVALS = 5
+
+
+async def test_a_burst_is_decided_before_its_admitted_requests_reach_their_routes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a burst the refusals go first: the requests admitted to wait (the engine runs two at once)
+    reach their routes only once every arrival was decided, and in the order they came."""
+    opened: list[tuple[str, float]] = []
+    open_ = GenerationService.open
+
+    async def counted_open(self: GenerationService, spec: Any) -> Any:
+        refused = self.metrics.requests_refused.labels(model="standard", reason="slot")._value.get()
+        opened.append((spec.prompt, refused))
+        return await open_(self, spec)
+
+    monkeypatch.setattr(GenerationService, "open", counted_open)
+    async with app_client(engine={"token_delay": 0.05, "max_num_seqs": 2}, max_pending_per_slot=4) as (client, _):
+        tasks = []
+        for i in range(12):  # one after another, a few turns of the event loop apart (a burst on the wire)
+            tasks.append(asyncio.create_task(client.post("/generate", json={"prompt": f"q {i}"})))
+            for _ in range(TURNS_BETWEEN_ARRIVALS):
+                await asyncio.sleep(0)
+        responses = await asyncio.gather(*tasks)
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 4 + [429] * 8, statuses
+    assert [prompt for prompt, _ in opened] == [f"q {i}" for i in range(4)]
+    assert [refused for _, refused in opened[2:]] == [8, 8], opened

@@ -92,6 +92,7 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._llm: AsyncLLM | None = None
+        self._capacity: EngineCapacity | None = None  # capacity() of the running engine
         self._renderer: PromptRenderer | None = None
         self._scorer: PairScorer | None = None
         self._build: asyncio.Future[None] | None = None
@@ -349,8 +350,15 @@ class VLLMEngine:
             await self._llm.abort(request_id)
 
     def capacity(self) -> EngineCapacity:
-        """max_num_seqs of vLLM's scheduler and the KV cache size the engine core reported at start."""
+        """max_num_seqs of vLLM's scheduler and the KV cache size the engine core reported at start
+        (fixed for the engine's life: worked out once, admission asks on every arrival)."""
         llm = self._engine()
+        if self._capacity is None:
+            self._capacity = self._capacity_of(llm)
+        return self._capacity
+
+    @staticmethod
+    def _capacity_of(llm: AsyncLLM) -> EngineCapacity:
         cache = llm.vllm_config.cache_config
         kv_tokens = cache.kv_cache_size_tokens
         if kv_tokens is None:
@@ -414,6 +422,7 @@ class VLLMEngine:
             # A start in progress stops what it builds once it sees _closed; wait for that.
             await asyncio.wait({self._build})
         llm, self._llm = self._llm, None
+        self._capacity = None
         self._renderer = None
         self._scorer = None
         if llm is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -21,6 +22,7 @@ from llm_service.traffic.admission.policy import (
     SlotLoad,
     Work,
     fits_at_once,
+    queue_seconds,
 )
 
 DRAIN_HORIZON_SECONDS = 60.0  # busy seconds over which the drain rate forgets older requests
@@ -61,19 +63,42 @@ class DrainMeter:
 @dataclass
 class _Held:
     work: Work  # a lower bound of the request's work until it starts, then its work
+    least: Work  # the lower bound it was admitted with
+    slack: float  # seconds it was expected to start before its deadline (math.inf: no deadline or estimate)
     started: bool = False  # given to the engine
 
 
 @dataclass
 class _SlotState:
-    held: dict[int, _Held] = field(default_factory=dict)  # admitted and not finished, oldest first
+    # Admitted and not finished, oldest first; changed only by `hold` and `drop` (they keep `total`).
+    held: dict[int, _Held] = field(default_factory=dict)
     capacity: EngineCapacity | None = None
     drain: DrainMeter = field(default_factory=DrainMeter)
+    total: Work = NO_WORK  # the work of all `held`: every arrival weighs it, in a flood too
 
-    def held_work(self, exclude: int | None = None) -> Work:
+    def hold(self, key: int, held: _Held) -> None:
+        """Hold `held` for `key` (replacing what it held, in its place)."""
+        previous = self.held.get(key)
+        self.held[key] = held
+        self.total = self.total + held.work
+        if previous is not None:
+            self.total = self.total + Work(-previous.work.sequences, -previous.work.tokens)
+
+    def drop(self, key: int) -> _Held | None:
+        held = self.held.pop(key, None)
+        if held is not None:
+            self.total = self.total + Work(-held.work.sequences, -held.work.tokens)
+        return held
+
+    def held_work(self, ahead_of: int | None = None) -> Work:
+        """All the work held; with `ahead_of`, what the engine serves before that request once it
+        starts: the requests admitted before it and those already started (vLLM serves in order of
+        arrival), not the ones admitted after it that have yet to start."""
+        if ahead_of is None:
+            return self.total
         total = NO_WORK
         for key, held in self.held.items():
-            if key != exclude:
+            if key != ahead_of and (key < ahead_of or held.started):
                 total = total + held.work
         return total
 
@@ -118,11 +143,11 @@ class AdmissionController:
     def loads(self) -> dict[str, SlotLoad]:
         return {name: self._load(name, state) for name, state in self._slots.items()}
 
-    def _load(self, slot: str, state: _SlotState, exclude: int | None = None) -> SlotLoad:
+    def _load(self, slot: str, state: _SlotState, ahead_of: int | None = None) -> SlotLoad:
         capacity = self._loaded_capacity(slot)
         if capacity is not None:
             state.capacity = capacity
-        held = state.held_work(exclude)
+        held = state.held_work(ahead_of)
         return SlotLoad(held.sequences, held, state.capacity, state.drain.rate())
 
     def snapshot(self) -> dict[str, dict[str, int | float | None]]:
@@ -148,17 +173,20 @@ class AdmissionController:
         """Decide on arrival as `admit` does (raise Overloaded, 429) and hold `least` for the request
         until `admit` adopts the reservation or it is released: a burst decided before the routes
         counts every request let through ahead of it."""
-        self.check(slot, least, deadline)
-        return Reservation(self, slot, self._hold(slot, least))
+        slack = self.check(slot, least, deadline)
+        state = self._slots[slot]  # its capacity as `check` last saw it
+        waits = state.capacity is not None and not fits_at_once(state.capacity, state.held_work(), least)
+        return Reservation(self, slot, self._hold(slot, least, slack), waits)
 
-    def _hold(self, slot: str, least: Work) -> int:
+    def _hold(self, slot: str, least: Work, slack: float) -> int:
         key = next(self._ids)
-        self._slots[slot].held[key] = _Held(least)  # reserved, so that requests arriving meanwhile count it
+        # Reserved, so that requests arriving meanwhile count it.
+        self._slots[slot].hold(key, _Held(least, least, slack))
         self._publish(slot)
         return key
 
     def _release(self, slot: str, key: int) -> None:
-        if self._slots[slot].held.pop(key, None) is not None:
+        if self._slots[slot].drop(key) is not None:
             self._publish(slot)
 
     @contextlib.asynccontextmanager
@@ -173,26 +201,31 @@ class AdmissionController:
         state = self._slots[slot]
         key = reservation.adopt(slot) if reservation is not None else None
         if key is None:
-            self.check(slot, least, deadline)
-            key = self._hold(slot, least)
+            key = self._hold(slot, least, self.check(slot, least, deadline))
         try:
             yield Admission(self, slot, key)
         finally:
             busy = state.busy()
-            held = state.held.pop(key)
+            held = state.drop(key)
+            assert held is not None  # only the admission holding it drops it
             if held.started:
                 state.drain.tick(self._clock(), busy)
                 state.drain.release(held.work)
             self._publish(slot)
 
-    def check(self, slot: str, least: Work, deadline: float | None = None) -> None:
+    def check(self, slot: str, least: Work, deadline: float | None = None) -> float:
         """Raise Overloaded (429) when `admit` would refuse a request of at least `least` work now;
-        reserves nothing. Cheap and synchronous: the fast path asks it before anything else."""
-        loads = self.loads()
+        reserves nothing. Cheap and synchronous: the fast path asks it before anything else. Else
+        the seconds it is expected to start before its deadline (math.inf: no deadline or estimate)."""
+        # Every slot's load only for a bound on the whole service; else this slot's.
+        loads = self.loads() if self.policy.limits.total > 0 else {slot: self._load(slot, self._slots[slot])}
+        seconds_left = _seconds_left(deadline)
         refusal = self.policy.arrival_refusal(slot, least.sequences, loads)
         if refusal is None:
-            refusal = self.policy.work_refusal(slot, least, loads[slot], _seconds_left(deadline))
+            refusal = self.policy.work_refusal(slot, least, loads[slot], seconds_left)
         self._refuse(slot, refusal)
+        wait = queue_seconds(loads[slot], least)
+        return math.inf if wait is None else seconds_left - wait
 
     def _refuse(self, slot: str, refusal: Refusal | None) -> None:
         if refusal is not None:
@@ -202,10 +235,22 @@ class AdmissionController:
     def _start(self, slot: str, key: int, work: Work, capacity: EngineCapacity, deadline: float | None) -> None:
         state = self._slots[slot]
         state.capacity = capacity
-        load = self._load(slot, state, exclude=key)
-        self._refuse(slot, self.policy.work_refusal(slot, work, load, _seconds_left(deadline)))
+        load = self._load(slot, state, ahead_of=key)
+        seconds_left = _seconds_left(deadline)
+        refusal = self.policy.work_refusal(slot, work, load, seconds_left)
+        held = state.held[key]
+        if refusal is not None and load.drain is not None:
+            # Its deadline was weighed on arrival; what counts now is what its own work, known in full,
+            # adds to its wait (a long prompt, many inputs), against the seconds it had to spare then.
+            # The estimate of the rest moves by itself (the drain rate, prompts ahead now rendered,
+            # the order in which routes reach the engine) and must not turn the last requests a
+            # burst admitted into late 429s.
+            before, after = queue_seconds(load, held.least), queue_seconds(load, work)
+            if before is not None and after is not None and after - before < held.slack:
+                refusal = None
+        self._refuse(slot, refusal)
         state.drain.tick(self._clock(), state.busy())
-        state.held[key] = _Held(work, started=True)
+        state.hold(key, dataclasses.replace(held, work=work, started=True))
         self._publish(slot)
 
     def _publish(self, slot: str) -> None:
@@ -220,12 +265,14 @@ def _seconds_left(deadline: float | None) -> float:
 
 
 class Reservation:
-    """Work held for a request decided on arrival, until `admit` adopts it or `release` drops it."""
+    """Work held for a request decided on arrival, until `admit` adopts it or `release` drops it.
+    `waits`: the engine could not start it at once (it waits behind the work held before it)."""
 
-    def __init__(self, controller: AdmissionController, slot: str, key: int) -> None:
+    def __init__(self, controller: AdmissionController, slot: str, key: int, waits: bool = False) -> None:
         self._controller = controller
         self.slot = slot
         self._key: int | None = key
+        self.waits = waits
 
     def adopt(self, slot: str) -> int | None:
         """The held work's key for `admit` on `slot` (None: released, adopted, or another slot)."""
@@ -253,8 +300,9 @@ class Admission:
         self.started = False
 
     def start(self, work: Work, capacity: EngineCapacity, deadline: float | None = None) -> None:
-        """Give the engine `work`, or raise Overloaded (429) when it could not start before `deadline`
-        (event-loop time; None: no deadline)."""
+        """Give the engine `work`, or raise Overloaded (429): past the queue bound while no drain rate
+        is measured, or when `work` adds more to its expected wait than it had to spare before
+        `deadline` (event-loop time; None: no deadline) when it was admitted."""
         if not self.started:
             self._controller._start(self.slot, self._key, work, capacity, deadline)
             self.started = True
