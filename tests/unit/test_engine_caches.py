@@ -6,13 +6,14 @@ per engine, whose closure holds that engine's tokenizers), kept them after the e
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Callable
 
 from vllm.utils.func_utils import supports_kw
 
-from llm_service.engines.vllm.engine import release_engine_caches
+from llm_service.engines.vllm.engine import _stopped, release_engine_caches
 
 
 class Tokenizer:
@@ -39,3 +40,32 @@ def test_vllms_supports_kw_keeps_a_stopped_engines_tokenizers_and_release_lets_t
     release_engine_caches()
     gc.collect()
     assert alive() is None
+
+
+class CyclicLLM:
+    """Stands for an AsyncLLM: its objects refer to each other, so only a collection frees them."""
+
+    def __init__(self) -> None:
+        self.me = self
+        self.stopped = False
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+
+async def test_a_stopped_engine_held_in_reference_cycles_is_freed_right_after_it_stops() -> None:
+    async def stop_one() -> weakref.ref[CyclicLLM]:
+        llm = CyclicLLM()
+        await _stopped(llm)  # type: ignore[arg-type]
+        assert llm.stopped
+        return weakref.ref(llm)
+
+    gc.collect()
+    gc.disable()  # no automatic collection: only the service's own frees the cycle
+    try:
+        alive = await stop_one()
+        assert alive() is not None  # unreachable, but in a cycle
+        await asyncio.sleep(0)  # the collection runs once the callers' references are gone
+        assert alive() is None
+    finally:
+        gc.enable()
