@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,17 +63,9 @@ class ArrivalGate:
     the order they came (one timer however many wait). Arrivals are the requests admission decided
     on (refused or admitted): memory hits are not counted, so a stream of them holds nothing back."""
 
-    def __init__(
-        self,
-        step: float = GATE_STEP_SECONDS,
-        limit: float = GATE_LIMIT_SECONDS,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
+    def __init__(self, step: float = GATE_STEP_SECONDS, limit: float = GATE_LIMIT_SECONDS) -> None:
         self.step = step
         self.limit = limit
-        self._clock = clock
-        self._sleep = sleep
         self.arrivals = 0
         self._passage: asyncio.Future[None] | None = None  # set when the waiting requests go on
 
@@ -86,7 +78,7 @@ class ArrivalGate:
         one `waits` for the engine anyway, until a whole step passes with no arrival, or `limit`
         after the first of the burst began to wait. A request alone goes on after the one turn."""
         seen = self.arrivals
-        await self._sleep(0)
+        await asyncio.sleep(0)
         if not waits and self.arrivals == seen:
             return
         if self._passage is not None:
@@ -100,26 +92,23 @@ class ArrivalGate:
             passage.set_result(None)
 
     async def _watch(self) -> None:
-        clock = self._clock or asyncio.get_running_loop().time
-        until = clock() + self.limit
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.limit
         seen = -1
-        while seen != self.arrivals and clock() < until:
+        while seen != self.arrivals and loop.time() < until:
             seen = self.arrivals
-            await self._sleep(self.step)
+            await asyncio.sleep(self.step)
 
 
 class FastPath:
     """ASGI middleware in front of the request guard for the routes in `routes` (POST)."""
 
-    def __init__(
-        self, app: ASGIApp, routes: Mapping[str, FastRoute], max_body_bytes: int, drain: Drain,
-        gate: ArrivalGate | None = None,
-    ) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[str, FastRoute], max_body_bytes: int, drain: Drain) -> None:
         self.app = app
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.drain = drain
-        self.gate = gate or ArrivalGate()
+        self.gate = ArrivalGate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -150,10 +139,9 @@ class FastPath:
             await response(scope, receive, send)
             return
         reservation = record_of(scope).reservation
-        if reservation is not None:
-            self.gate.arrived()
         try:
             if reservation is not None:
+                self.gate.arrived()
                 await self.gate.after_arrivals(reservation.waits)
             await self.app(scope, replaying(body, receive), send)
         finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)

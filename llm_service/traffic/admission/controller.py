@@ -80,14 +80,12 @@ class _SlotState:
         """Hold `held` for `key` (replacing what it held, in its place)."""
         previous = self.held.get(key)
         self.held[key] = held
-        self.total = self.total + held.work
-        if previous is not None:
-            self.total = self.total + Work(-previous.work.sequences, -previous.work.tokens)
+        self.total = self.total + held.work - (previous.work if previous is not None else NO_WORK)
 
     def drop(self, key: int) -> _Held | None:
         held = self.held.pop(key, None)
         if held is not None:
-            self.total = self.total + Work(-held.work.sequences, -held.work.tokens)
+            self.total = self.total - held.work
         return held
 
     def held_work(self, ahead_of: int | None = None) -> Work:

@@ -30,6 +30,9 @@ class Work:
     def __add__(self, other: Work) -> Work:
         return Work(self.sequences + other.sequences, self.tokens + other.tokens)
 
+    def __sub__(self, other: Work) -> Work:
+        return Work(self.sequences - other.sequences, self.tokens - other.tokens)
+
 
 NO_WORK = Work(0, 0)
 
