@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     # One worker: the engines live in this process.
     app = create_app(settings)
     server.run(
-        app, app.state.drain, settings.app.host, settings.app.port, settings.app.shutdown_grace_seconds
+        app,
+        app.state.drain,
+        settings.app.host,
+        settings.app.port,
+        settings.app.shutdown_grace_seconds,
+        settings.app.keep_alive_seconds,
     )
     return 0
 

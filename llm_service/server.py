@@ -53,13 +53,17 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, drain: Drain, host: str, port: int, grace: float) -> None:
-    """Serve `app` until SIGTERM (drained) or SIGINT."""
+def run(app: FastAPI, drain: Drain, host: str, port: int, grace: float, keep_alive: int) -> None:
+    """Serve `app` until SIGTERM (drained) or SIGINT; idle connections stay open `keep_alive` seconds."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_config=None,
+        # uvicorn's default of 5 s equals httpx's (and the openai SDK's) idle expiry: a client that
+        # waits about 5 s between requests may send on a connection as the server closes it, and gets
+        # "Server disconnected without sending a response". Ours outlasts the clients' and proxies'.
+        timeout_keep_alive=keep_alive,
         # Our request_finished line carries the request id; uvicorn's would be a second line per
         # request (and vLLM's logging set-up re-enables a logger we disable).
         access_log=False,

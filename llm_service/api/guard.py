@@ -28,7 +28,9 @@ class RequestGuard:
     - A body over `max_body_bytes` gets 413 before it is parsed: at once from Content-Length, or as
       soon as a chunked body passes the limit (so a huge prompt never reaches the tokenizer).
     - While draining (after SIGTERM) new requests get 503 with Retry-After; requests in flight are
-      counted so the drain can wait for them.
+      counted so the drain can wait for them. Every response sent while draining carries
+      `Connection: close`, so a client's next request opens a new connection, which the load balancer
+      sends to another replica, instead of coming back on a kept-alive one.
     - When the client disconnects before the response is complete, the request's task is cancelled,
       which closes its generation and aborts the engine request (streamed or not).
     """
@@ -39,11 +41,14 @@ class RequestGuard:
         self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in _PASS_THROUGH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("method") in _PASS_THROUGH:
+            await self.app(scope, receive, closing(send) if self.drain.draining else send)
+            return
         if self.drain.draining:
-            await self._refuse(scope, send, ShuttingDown(
+            await self._refuse(scope, closing(send), ShuttingDown(
                 "the service is shutting down; retry on another replica", retry_after=RETRY_AFTER_SECONDS
             ))
             return
@@ -102,6 +107,8 @@ class RequestGuard:
             nonlocal complete
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
+            elif message["type"] == "http.response.start" and self.drain.draining:
+                message = with_connection_close(message)
             await send(message)
 
         app_task = asyncio.ensure_future(self.app(scope, replay, send_tracked))
@@ -134,6 +141,21 @@ class RequestGuard:
     async def _refuse(scope: Scope, send: Send, error: ServiceError) -> None:
         response = error_response(error, renderer_for_path(scope.get("path", "")))
         await response(scope, _no_receive, send)
+
+
+def with_connection_close(start: Message) -> Message:
+    """An `http.response.start` message with `Connection: close` (uvicorn then closes the connection
+    once the response is sent)."""
+    return {**start, "headers": [*start.get("headers", ()), (b"connection", b"close")]}
+
+
+def closing(send: Send) -> Send:
+    """`send` that marks the response `Connection: close`."""
+
+    async def send_closing(message: Message) -> None:
+        await send(with_connection_close(message) if message["type"] == "http.response.start" else message)
+
+    return send_closing
 
 
 def replaying(body: bytes, then: Receive) -> Receive:

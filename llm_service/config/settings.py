@@ -98,6 +98,14 @@ class AppSettings(BaseSettings):
         le=1024**3,
         description="Largest request body accepted; a larger one gets 413 before it is read or parsed.",
     )
+    keep_alive_seconds: int = Field(
+        75,
+        ge=1,
+        le=3600,
+        description="How long an idle HTTP connection stays open for the client's next request. Above the "
+        "idle timeouts of what connects to the service (httpx and the openai SDK 5 s, nginx and cloud load "
+        "balancers 60 s), so the service never closes a connection as a client sends on it.",
+    )
     shutdown_grace_seconds: int = Field(
         30,
         gt=0,

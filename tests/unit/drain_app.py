@@ -12,8 +12,9 @@ from .conftest import GIB, FakeFactory, fake_settings
 
 def main() -> None:
     port, grace, token_delay = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-    app = create_app(fake_settings(), EngineBackend(FakeFactory(token_delay=token_delay), "cpu", 8 * GIB))
-    server.run(app, app.state.drain, "127.0.0.1", port, grace)
+    settings = fake_settings()
+    app = create_app(settings, EngineBackend(FakeFactory(token_delay=token_delay), "cpu", 8 * GIB))
+    server.run(app, app.state.drain, "127.0.0.1", port, grace, settings.app.keep_alive_seconds)
 
 
 if __name__ == "__main__":

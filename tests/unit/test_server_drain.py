@@ -87,14 +87,53 @@ def stream_in_flight(grace: float, token_delay: float = 0.25) -> Iterator[Stream
         proc.wait(10)
 
 
+def get_on(sock: socket.socket, path: str) -> bytes:
+    """GET `path` on an open connection; the response's head and body ("" if the server closed it)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_an_idle_connection_outlasts_the_clients_own_idle_expiry():
+    # httpx and the openai SDK reuse a connection idle for up to 5 s, uvicorn's own default: a client
+    # sending after ~5 s could meet the server closing it ("Server disconnected without sending a
+    # response"). The service keeps idle connections well past that.
+    proc, base = start(grace=5)
+    try:
+        with connect(base) as sock:
+            assert get_on(sock, "/health/live").startswith(b"HTTP/1.1 200")
+            time.sleep(6)
+            assert get_on(sock, "/health/live").startswith(b"HTTP/1.1 200")
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_sigterm_drains_then_exits():
-    with stream_in_flight(grace=30) as served:
+    with stream_in_flight(grace=30) as served, connect(served.base) as kept:
+        assert b"connection: close" not in get_on(kept, "/health/live").lower()
         served.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         ready = httpx.get(served.base + "/health/ready", timeout=5)
         assert ready.status_code == 503 and ready.json()["reason"] == "shutting down"
         refused = httpx.post(served.base + "/generate", json={"prompt": "new"}, timeout=5)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
+        # While draining, every response closes its connection: a kept-alive client's next request
+        # opens a new one, which the load balancer sends to another replica.
+        assert ready.headers["connection"] == "close" and refused.headers["connection"] == "close"
+        answer = get_on(kept, "/health/ready")
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower()
+        assert kept.recv(1) == b""  # closed by the server
         served.reader.join(60)
         assert served.events[-1]["type"] == "done" and served.events[-1]["finish_reason"] == "stop"
         served.proc.wait(30)
