@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -190,7 +190,11 @@ class CachedResponse:
             result.prompt_tokens,
             tuple(
                 CachedChoice(
-                    c.index, c.text, c.finish_reason, c.completion_tokens, tuple(c.logprobs),
+                    c.index,
+                    c.text,
+                    c.finish_reason,
+                    c.completion_tokens,
+                    tuple(c.logprobs),
                     tuple((t.id, t.name, t.arguments) for t in c.tool_calls),
                 )
                 for c in choices
@@ -202,9 +206,16 @@ class CachedResponse:
         """The entry as a stream: one delta per choice, carrying its whole text."""
         return [
             GenerationDelta(
-                c.index, c.text, c.completion_tokens, self.prompt_tokens, c.finish_reason, c.logprobs,
-                tuple(ToolCallDelta(i, call_id, name, arguments) for i, (call_id, name, arguments) in
-                      enumerate(c.tool_calls)),
+                c.index,
+                c.text,
+                c.completion_tokens,
+                self.prompt_tokens,
+                c.finish_reason,
+                c.logprobs,
+                tuple(
+                    ToolCallDelta(i, call_id, name, arguments)
+                    for i, (call_id, name, arguments) in enumerate(c.tool_calls)
+                ),
             )
             for c in self.choices
         ]
@@ -374,6 +385,34 @@ class CircuitBreaker:
         return False
 
 
+def connection_pool(settings: RedisSettings) -> BlockingConnectionPool:
+    """A pool of at most `max_connections`: redis-py's default pool opens one connection per Redis
+    call in flight and keeps them all, so a burst of a thousand requests would leave a thousand
+    idle connections to Redis for the life of the process. Past the bound a call waits for a free
+    connection, up to the socket timeout (then it is a miss, like a slow reply)."""
+    tls: dict[str, Any] = {}
+    if settings.tls:
+        tls = {
+            "connection_class": SSLConnection,
+            "ssl_ca_certs": str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        }
+    return BlockingConnectionPool(
+        max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_seconds,
+        host=settings.host,
+        port=settings.port,
+        db=settings.db,
+        password=settings.secret(),
+        socket_timeout=settings.socket_timeout_seconds,
+        socket_connect_timeout=settings.connect_timeout_seconds,
+        # redis-py 8 retries 10 times by default; one immediate retry on a connection error
+        # replaces a pooled connection that died with a restarted Redis, timeouts never retry.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        client_name="llm-service",
+        **tls,
+    )
+
+
 class RedisCache:
     """The response cache in Redis: short timeouts, no retry storms, a circuit breaker."""
 
@@ -390,26 +429,11 @@ class RedisCache:
         self._namespace = namespace
         self.max_entry_bytes = max_entry_bytes
         self._metrics = metrics
-        self._breaker = breaker or CircuitBreaker(
-            settings.breaker_failures, settings.breaker_cooldown_seconds
-        )
+        self._breaker = breaker or CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_seconds)
         # An outer bound on one operation, whatever redis-py does inside it.
         self._deadline = 2 * (settings.connect_timeout_seconds + settings.socket_timeout_seconds)
         self._last_error: str | None = None
-        self._client = client or Redis(
-            host=settings.host,
-            port=settings.port,
-            db=settings.db,
-            password=settings.secret(),
-            ssl=settings.tls,
-            ssl_ca_certs=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-            socket_timeout=settings.socket_timeout_seconds,
-            socket_connect_timeout=settings.connect_timeout_seconds,
-            # redis-py 8 retries 10 times by default; one immediate retry on a connection error
-            # replaces a pooled connection that died with a restarted Redis, timeouts never retry.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            client_name="llm-service",
-        )
+        self._client = client or Redis.from_pool(connection_pool(settings))
 
     @property
     def client(self) -> Redis:

@@ -363,6 +363,13 @@ class RedisSettings(BaseSettings):
     connect_timeout_seconds: float = Field(
         0.5, gt=0, le=10, description="Longest wait for a Redis connection."
     )
+    max_connections: int = Field(
+        32,
+        ge=2,
+        le=10_000,
+        description="Most connections this replica opens to Redis (the purge subscription's included); "
+        "past it a request waits for a free one within REDIS_SOCKET_TIMEOUT_SECONDS, else it is a miss.",
+    )
     breaker_failures: int = Field(
         3, ge=1, description="Consecutive Redis errors after which the cache stops asking Redis for a while."
     )

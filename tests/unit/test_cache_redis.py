@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis.asyncio import SSLConnection
 
 from llm_service.app import EngineBackend, create_app
 from llm_service.cache.controls import CacheControl
-from llm_service.cache.store import CachedChoice, CachedResponse, CachePolicy, RedisCache
+from llm_service.cache.store import CachedChoice, CachedResponse, CachePolicy, RedisCache, connection_pool
 from llm_service.config.settings import RedisSettings
 from llm_service.engines.base import SamplingOptions
 from llm_service.observability.metrics import Metrics
@@ -154,9 +155,7 @@ async def cached(store: redis.Redis, redis_process: RedisProcess) -> AsyncIterat
     factory = FakeFactory(token_delay=0.01)
     # Redis alone: these tests look at what Redis holds (test_cache_local.py covers the local tier).
     settings = fake_settings(cache_enabled=True, cache_local_max_entries=0).model_copy(
-        update={
-            "redis": RedisSettings(host="127.0.0.1", port=redis_process.port, breaker_cooldown_seconds=0.2)
-        }
+        update={"redis": RedisSettings(host="127.0.0.1", port=redis_process.port, breaker_cooldown_seconds=0.2)}
     )
     app = create_app(settings, EngineBackend(factory, "cpu", 8 * GIB))
     async with app.router.lifespan_context(app):
@@ -269,9 +268,7 @@ async def test_no_store_skips_the_write(cached: App, store: redis.Redis) -> None
         ({"cache": {"ttl": 7}}, "max-age=50", 7),
     ],
 )
-async def test_ttl_from_the_request(
-    cached: App, store: redis.Redis, body: dict, header: str | None, ttl: int
-) -> None:
+async def test_ttl_from_the_request(cached: App, store: redis.Redis, body: dict, header: str | None, ttl: int) -> None:
     await cached.post({**GREEDY, **body}, **({"Cache-Control": header} if header else {}))
     (key,) = await stored(store)
     assert 0 < store.pttl(key) <= ttl * 1000
@@ -299,9 +296,7 @@ async def test_a_hit_never_loads_the_model(cached: App) -> None:
         CacheControl(), SamplingOptions(max_tokens=0, temperature=0.0), None, CAPITAL, config
     )
     assert plan is not None
-    entry = CachedResponse(
-        "fake/longctx", "<rendered>", 9, (CachedChoice(0, "Rome.", "stop", 2),), time.time()
-    )
+    entry = CachedResponse("fake/longctx", "<rendered>", 9, (CachedChoice(0, "Rome.", "stop", 2),), time.time())
     assert await resources.cache.set(plan.key, entry, 60)
     r = await cached.post({**GREEDY, "model": "longctx"})
     assert r.headers["x-cache"].startswith("HIT-") and r.json()["text"] == "Rome."
@@ -353,9 +348,7 @@ async def test_coalesced_requests_share_the_error(cached: App) -> None:
 
 
 def spec(request_id: str) -> GenerationSpec:
-    return GenerationSpec(
-        request_id, "standard", SamplingOptions(max_tokens=0, temperature=0.0), messages=CAPITAL
-    )
+    return GenerationSpec(request_id, "standard", SamplingOptions(max_tokens=0, temperature=0.0), messages=CAPITAL)
 
 
 async def test_the_first_client_leaving_does_not_end_the_generation_for_the_others(cached: App) -> None:
@@ -442,6 +435,30 @@ async def test_large_entries_are_not_stored(store: redis.Redis, redis_process: R
     await cache.close()
 
 
+async def test_a_burst_of_calls_shares_a_bounded_pool(store: redis.Redis, redis_process: RedisProcess) -> None:
+    # redis-py's default pool opens a connection per call in flight and keeps it: a burst of 200
+    # requests would leave 200 idle connections to Redis. The bounded pool makes them wait their turn.
+    settings = redis_settings(redis_process.port, db=3, max_connections=4)  # db 3: no other test's clients
+    cache = RedisCache(settings, Metrics(), max_entry_bytes=1 << 20)
+    try:
+        stored = await asyncio.gather(*(cache.set(f"burst-{i}", ENTRY, 60) for i in range(200)))
+        read = await asyncio.gather(*(cache.get(f"burst-{i}") for i in range(200)))
+        assert all(stored) and all(entry == ENTRY for entry in read)
+        ours = [c for c in store.client_list() if c["name"] == "llm-service" and c["db"] == "3"]
+        assert 1 <= len(ours) <= 4
+    finally:
+        await cache.close()
+
+
+def test_tls_settings_reach_the_pool(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    pool = connection_pool(RedisSettings(tls=True, tls_ca_file=ca, max_connections=8))
+    assert pool.connection_class is SSLConnection and pool.max_connections == 8
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+    assert connection_pool(RedisSettings()).connection_class is not SSLConnection
+
+
 class BlackHole:
     """A TCP server that accepts connections and never answers: a hung Redis."""
 
@@ -483,9 +500,7 @@ async def test_a_hung_redis_times_out_then_is_left_alone() -> None:
     hole = BlackHole()
     metrics = Metrics()
     cache = RedisCache(
-        redis_settings(
-            hole.port, socket_timeout_seconds=0.1, breaker_failures=2, breaker_cooldown_seconds=60
-        ),
+        redis_settings(hole.port, socket_timeout_seconds=0.1, breaker_failures=2, breaker_cooldown_seconds=60),
         metrics,
         max_entry_bytes=1 << 20,
     )
@@ -499,9 +514,7 @@ async def test_a_hung_redis_times_out_then_is_left_alone() -> None:
             for _ in range(5):
                 assert await cache.get("c") is None  # the breaker is open: Redis is not asked
             health = await cache.health()
-        assert (
-            health["status"] == "down" and health["circuit"] == "open" and "Timeout" in health["last_error"]
-        )
+        assert health["status"] == "down" and health["circuit"] == "open" and "Timeout" in health["last_error"]
         await asyncio.sleep(0.2)
         assert hole.received == received
         assert metric(metrics.render().decode(), "llm_cache_errors_total", operation="get") == 1
