@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from vllm.utils.func_utils import supports_kw
 
-from llm_service.engines.vllm.engine import _stopped, release_engine_caches
+from llm_service.engines.vllm.engine import _stopped, freeze_heap, release_engine_caches
 
 
 class Tokenizer:
@@ -56,6 +56,7 @@ class CyclicLLM:
 async def test_a_stopped_engine_held_in_reference_cycles_is_freed_right_after_it_stops() -> None:
     async def stop_one() -> weakref.ref[CyclicLLM]:
         llm = CyclicLLM()
+        freeze_heap()  # as after every engine's start: the engine's objects are frozen with the heap
         await _stopped(llm)  # type: ignore[arg-type]
         assert llm.stopped
         return weakref.ref(llm)
@@ -67,5 +68,16 @@ async def test_a_stopped_engine_held_in_reference_cycles_is_freed_right_after_it
         assert alive() is not None  # unreachable, but in a cycle
         await asyncio.sleep(0)  # the collection runs once the callers' references are gone
         assert alive() is None
+        assert gc.get_freeze_count() > 0  # the heap is frozen again after the collection
     finally:
+        gc.unfreeze()
         gc.enable()
+
+
+def test_the_frozen_heap_is_left_out_of_full_collections() -> None:
+    try:
+        freeze_heap()
+        # What an automatic collection of the oldest generation walks: only objects made since.
+        assert sum(len(gc.get_objects(generation)) for generation in range(3)) < 0.05 * gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
