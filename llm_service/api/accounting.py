@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 from fastapi import APIRouter
@@ -72,7 +73,7 @@ class RequestAccounting:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        record = RequestRecord()
+        record = RequestRecord(arrived=asyncio.get_running_loop().time())
         scope.setdefault("state", {})[_SCOPE_KEY] = record
         status: int | None = None
         counted = False

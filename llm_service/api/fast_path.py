@@ -155,15 +155,16 @@ async def _answer_now(
     """The response when the request is answered at once; None to let the route serve it."""
     if not _authorised(resources, headers):
         return None
+    record = record_of(scope)
     try:
         parsed = route.model.model_validate(json.loads(body))
-        timeout = timeout_of(_header(headers, b"x-request-timeout"), resources.settings.llm)
+        timeout = timeout_of(_header(headers, b"x-request-timeout"), resources.settings.llm, record.arrived)
         request_id = scope["state"]["request_id"]
         spec = route.spec(parsed, request_id, _header(headers, b"cache-control"),
                           timeout.deadline(getattr(parsed, "timeout", None)))
     except (ValueError, ValidationError, ServiceError, KeyError):
         return None  # the route answers with its own error
-    spec = dataclasses.replace(spec, record=record_of(scope))
+    spec = dataclasses.replace(spec, record=record)
     # A stream is never answered from the cache here (the route streams it); it may be refused.
     stream = bool(getattr(parsed, "stream", False))
     result = await resources.generation.answer_now(spec, hit=not stream)  # raises Overloaded

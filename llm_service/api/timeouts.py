@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header
 
-from llm_service.api.deps import SettingsDep
+from llm_service.api.deps import RequestRecordDep, SettingsDep
 from llm_service.config.settings import LLMSettings
 from llm_service.errors import InvalidRequest
 
@@ -17,12 +17,14 @@ HEADER = "X-Request-Timeout"
 
 class RequestTimeout:
     """The timeout a request gets: the smallest of its header and body field, else the default; every
-    value within (0, maximum]. `deadline()` is the event loop's time the request must end by."""
+    value within (0, maximum]. `deadline()` is the event loop's time the request must end by: its
+    timeout after it arrived (`arrived`, event-loop time; None: now)."""
 
-    def __init__(self, header: float | None, default: float, maximum: float) -> None:
+    def __init__(self, header: float | None, default: float, maximum: float, arrived: float | None = None) -> None:
         self.header = header
         self.default = default
         self.maximum = maximum
+        self.arrived = arrived
 
     def seconds(self, body_timeout: float | None = None) -> float:
         if body_timeout is not None:
@@ -31,7 +33,8 @@ class RequestTimeout:
         return min(given) if given else self.default
 
     def deadline(self, body_timeout: float | None = None) -> float:
-        return asyncio.get_running_loop().time() + self.seconds(body_timeout)
+        since = self.arrived if self.arrived is not None else asyncio.get_running_loop().time()
+        return since + self.seconds(body_timeout)
 
 
 def _check(value: float, maximum: float, param: str) -> None:
@@ -41,17 +44,19 @@ def _check(value: float, maximum: float, param: str) -> None:
 
 async def request_timeout(
     settings: SettingsDep,
+    record: RequestRecordDep,
     x_request_timeout: Annotated[
         str | None,
         Header(description="Seconds this request may take (waiting for a model load included); "
                "past it the client gets 504. At most LLM_MAX_REQUEST_TIMEOUT_SECONDS."),
     ] = None,
 ) -> RequestTimeout:
-    return timeout_of(x_request_timeout, settings.llm)
+    return timeout_of(x_request_timeout, settings.llm, record.arrived)
 
 
-def timeout_of(x_request_timeout: str | None, llm: LLMSettings) -> RequestTimeout:
-    """The request's timeout from its X-Request-Timeout header (InvalidRequest when malformed)."""
+def timeout_of(x_request_timeout: str | None, llm: LLMSettings, arrived: float | None) -> RequestTimeout:
+    """The request's timeout from its X-Request-Timeout header (InvalidRequest when malformed), counted
+    from its arrival."""
     header: float | None = None
     if x_request_timeout is not None:
         try:
@@ -59,7 +64,7 @@ def timeout_of(x_request_timeout: str | None, llm: LLMSettings) -> RequestTimeou
         except ValueError:
             raise InvalidRequest(f"{HEADER} must be a number of seconds", param=HEADER) from None
         _check(header, llm.max_request_timeout_seconds, HEADER)
-    return RequestTimeout(header, llm.request_timeout_seconds, llm.max_request_timeout_seconds)
+    return RequestTimeout(header, llm.request_timeout_seconds, llm.max_request_timeout_seconds, arrived)
 
 
 RequestTimeoutDep = Annotated[RequestTimeout, Depends(request_timeout)]

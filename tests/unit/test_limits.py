@@ -3,8 +3,10 @@ bounds, request timeouts (504 or a final SSE error) with the engine request abor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -136,6 +138,24 @@ async def test_waiting_for_a_load_counts_against_the_deadline():
         r = await client.post("/generate", json=payload, headers={"X-Request-Timeout": "0.5"})
         assert r.status_code == 504
         assert time.monotonic() - started < 1.5
+
+
+async def test_the_deadline_counts_from_the_requests_arrival_not_from_its_route():
+    body = json.dumps({"prompt": "a b c"}).encode()
+
+    async def slowly() -> AsyncIterator[bytes]:  # the body takes 0.8 s to arrive
+        yield body[:5]
+        await asyncio.sleep(0.8)
+        yield body[5:]
+
+    async with app_client(engine={"token_delay": 0.01}) as (client, _):
+        headers = {"X-Request-Timeout": "0.5", "Content-Length": str(len(body)), "Content-Type": "application/json"}
+        started = time.monotonic()
+        r = await client.post("/generate", content=slowly(), headers=headers)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+        assert time.monotonic() - started < 1.2  # ended with its body: its time was up
+        fast = await client.post("/generate", json={"prompt": "a b c"}, headers={"X-Request-Timeout": "0.5"})
+        assert fast.status_code == 200
 
 
 async def test_default_timeout_applies_without_header_or_field():
