@@ -190,11 +190,7 @@ class CachedResponse:
             result.prompt_tokens,
             tuple(
                 CachedChoice(
-                    c.index,
-                    c.text,
-                    c.finish_reason,
-                    c.completion_tokens,
-                    tuple(c.logprobs),
+                    c.index, c.text, c.finish_reason, c.completion_tokens, tuple(c.logprobs),
                     tuple((t.id, t.name, t.arguments) for t in c.tool_calls),
                 )
                 for c in choices
@@ -206,16 +202,9 @@ class CachedResponse:
         """The entry as a stream: one delta per choice, carrying its whole text."""
         return [
             GenerationDelta(
-                c.index,
-                c.text,
-                c.completion_tokens,
-                self.prompt_tokens,
-                c.finish_reason,
-                c.logprobs,
-                tuple(
-                    ToolCallDelta(i, call_id, name, arguments)
-                    for i, (call_id, name, arguments) in enumerate(c.tool_calls)
-                ),
+                c.index, c.text, c.completion_tokens, self.prompt_tokens, c.finish_reason, c.logprobs,
+                tuple(ToolCallDelta(i, call_id, name, arguments) for i, (call_id, name, arguments) in
+                      enumerate(c.tool_calls)),
             )
             for c in self.choices
         ]
@@ -429,7 +418,9 @@ class RedisCache:
         self._namespace = namespace
         self.max_entry_bytes = max_entry_bytes
         self._metrics = metrics
-        self._breaker = breaker or CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_seconds)
+        self._breaker = breaker or CircuitBreaker(
+            settings.breaker_failures, settings.breaker_cooldown_seconds
+        )
         # An outer bound on one operation, whatever redis-py does inside it.
         self._deadline = 2 * (settings.connect_timeout_seconds + settings.socket_timeout_seconds)
         self._last_error: str | None = None

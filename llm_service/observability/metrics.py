@@ -47,7 +47,9 @@ class Metrics:
             ["model", "adapter"],
             registry=r,
         )
-        self.tokens_generated = Counter("llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r)
+        self.tokens_generated = Counter(
+            "llm_tokens_generated", "Completion tokens generated.", ["model"], registry=r
+        )
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.inference_duration = Histogram(
             "llm_inference_duration_seconds",
@@ -63,7 +65,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("llm_requests_in_flight", "Requests holding a slot right now.", ["model"], registry=r)
+        self.in_flight = Gauge(
+            "llm_requests_in_flight", "Requests holding a slot right now.", ["model"], registry=r
+        )
         self.model_loaded = Gauge("llm_model_loaded", "1 when the slot's engine is loaded.", ["model"], registry=r)
         self.model_load_duration = Histogram(
             "llm_model_load_duration_seconds",
@@ -79,24 +83,19 @@ class Metrics:
             "llm_model_memory_share", "Budget share held by the slot while loaded.", ["model"], registry=r
         )
         self.model_memory_planned = Gauge(
-            "llm_model_memory_planned_bytes",
-            "Device memory the slot's share stands for (share x device).",
-            ["model"],
-            registry=r,
+            "llm_model_memory_planned_bytes", "Device memory the slot's share stands for (share x device).",
+            ["model"], registry=r,
         )
         self.model_memory_measured = Gauge(
             "llm_model_memory_measured_bytes",
             "Device memory the slot's engine was measured to hold after its last start (0: not measured).",
-            ["model"],
-            registry=r,
+            ["model"], registry=r,
         )
         self.evictions = Counter(
             "llm_model_evictions", "Slots unloaded to make room for another.", ["model"], registry=r
         )
         self.model_loads = Counter(
-            "llm_model_loads",
-            "Engine starts (successful or not), lazy loads and retries included.",
-            ["model"],
+            "llm_model_loads", "Engine starts (successful or not), lazy loads and retries included.", ["model"],
             registry=r,
         )
         self.load_wait = Histogram(
@@ -107,9 +106,7 @@ class Metrics:
             registry=r,
         )
         self.engine_deaths = Counter(
-            "llm_engine_deaths",
-            "Loaded engines that died (the slot reloads after a back-off).",
-            ["model"],
+            "llm_engine_deaths", "Loaded engines that died (the slot reloads after a back-off).", ["model"],
             registry=r,
         )
         self.idle_unloads = Counter(
@@ -121,11 +118,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        self.cache_hits = Counter("llm_cache_hits", "Requests answered from the response cache.", ["model"], registry=r)
+        self.cache_hits = Counter(
+            "llm_cache_hits", "Requests answered from the response cache.", ["model"], registry=r
+        )
         self.cache_misses = Counter(
-            "llm_cache_misses",
-            "Cacheable requests the response cache could not answer.",
-            ["model"],
+            "llm_cache_misses", "Cacheable requests the response cache could not answer.", ["model"],
             registry=r,
         )
         self.cache_local_hits = Counter(
@@ -147,16 +144,12 @@ class Metrics:
             registry=r,
         )
         self.cache_coalesced = Counter(
-            "llm_cache_coalesced",
-            "Requests served by another identical request's generation.",
-            ["model"],
+            "llm_cache_coalesced", "Requests served by another identical request's generation.", ["model"],
             registry=r,
         )
 
         self.embedding_inputs = Counter(
-            "llm_embedding_inputs",
-            "Inputs embedded by an embedding slot (from the engine or the cache).",
-            ["model"],
+            "llm_embedding_inputs", "Inputs embedded by an embedding slot (from the engine or the cache).", ["model"],
             registry=r,
         )
         self.embedding_tokens = Counter(
@@ -173,18 +166,14 @@ class Metrics:
             "llm_embedding_cache_hits", "Embedding inputs answered from the cache.", ["model"], registry=r
         )
         self.embedding_cache_misses = Counter(
-            "llm_embedding_cache_misses",
-            "Embedding inputs the engine embedded (not in the cache).",
-            ["model"],
+            "llm_embedding_cache_misses", "Embedding inputs the engine embedded (not in the cache).", ["model"],
             registry=r,
         )
         self.rerank_documents = Counter(
             "llm_rerank_documents", "Documents scored against a query by a rerank slot.", ["model"], registry=r
         )
         self.rerank_tokens = Counter(
-            "llm_rerank_tokens",
-            "Tokens of the (query, document) pairs a rerank slot's engine scored.",
-            ["model"],
+            "llm_rerank_tokens", "Tokens of the (query, document) pairs a rerank slot's engine scored.", ["model"],
             registry=r,
         )
         self.rerank_duration = Histogram(

@@ -155,7 +155,9 @@ async def cached(store: redis.Redis, redis_process: RedisProcess) -> AsyncIterat
     factory = FakeFactory(token_delay=0.01)
     # Redis alone: these tests look at what Redis holds (test_cache_local.py covers the local tier).
     settings = fake_settings(cache_enabled=True, cache_local_max_entries=0).model_copy(
-        update={"redis": RedisSettings(host="127.0.0.1", port=redis_process.port, breaker_cooldown_seconds=0.2)}
+        update={
+            "redis": RedisSettings(host="127.0.0.1", port=redis_process.port, breaker_cooldown_seconds=0.2)
+        }
     )
     app = create_app(settings, EngineBackend(factory, "cpu", 8 * GIB))
     async with app.router.lifespan_context(app):
@@ -268,7 +270,9 @@ async def test_no_store_skips_the_write(cached: App, store: redis.Redis) -> None
         ({"cache": {"ttl": 7}}, "max-age=50", 7),
     ],
 )
-async def test_ttl_from_the_request(cached: App, store: redis.Redis, body: dict, header: str | None, ttl: int) -> None:
+async def test_ttl_from_the_request(
+    cached: App, store: redis.Redis, body: dict, header: str | None, ttl: int
+) -> None:
     await cached.post({**GREEDY, **body}, **({"Cache-Control": header} if header else {}))
     (key,) = await stored(store)
     assert 0 < store.pttl(key) <= ttl * 1000
@@ -296,7 +300,9 @@ async def test_a_hit_never_loads_the_model(cached: App) -> None:
         CacheControl(), SamplingOptions(max_tokens=0, temperature=0.0), None, CAPITAL, config
     )
     assert plan is not None
-    entry = CachedResponse("fake/longctx", "<rendered>", 9, (CachedChoice(0, "Rome.", "stop", 2),), time.time())
+    entry = CachedResponse(
+        "fake/longctx", "<rendered>", 9, (CachedChoice(0, "Rome.", "stop", 2),), time.time()
+    )
     assert await resources.cache.set(plan.key, entry, 60)
     r = await cached.post({**GREEDY, "model": "longctx"})
     assert r.headers["x-cache"].startswith("HIT-") and r.json()["text"] == "Rome."
@@ -348,7 +354,9 @@ async def test_coalesced_requests_share_the_error(cached: App) -> None:
 
 
 def spec(request_id: str) -> GenerationSpec:
-    return GenerationSpec(request_id, "standard", SamplingOptions(max_tokens=0, temperature=0.0), messages=CAPITAL)
+    return GenerationSpec(
+        request_id, "standard", SamplingOptions(max_tokens=0, temperature=0.0), messages=CAPITAL
+    )
 
 
 async def test_the_first_client_leaving_does_not_end_the_generation_for_the_others(cached: App) -> None:
@@ -500,7 +508,9 @@ async def test_a_hung_redis_times_out_then_is_left_alone() -> None:
     hole = BlackHole()
     metrics = Metrics()
     cache = RedisCache(
-        redis_settings(hole.port, socket_timeout_seconds=0.1, breaker_failures=2, breaker_cooldown_seconds=60),
+        redis_settings(
+            hole.port, socket_timeout_seconds=0.1, breaker_failures=2, breaker_cooldown_seconds=60
+        ),
         metrics,
         max_entry_bytes=1 << 20,
     )
@@ -514,7 +524,9 @@ async def test_a_hung_redis_times_out_then_is_left_alone() -> None:
             for _ in range(5):
                 assert await cache.get("c") is None  # the breaker is open: Redis is not asked
             health = await cache.health()
-        assert health["status"] == "down" and health["circuit"] == "open" and "Timeout" in health["last_error"]
+        assert (
+            health["status"] == "down" and health["circuit"] == "open" and "Timeout" in health["last_error"]
+        )
         await asyncio.sleep(0.2)
         assert hole.received == received
         assert metric(metrics.render().decode(), "llm_cache_errors_total", operation="get") == 1

@@ -56,9 +56,8 @@ def test_the_checker_catches_a_missing_label_and_value() -> None:
     (grouped,) = [r for r in promql_references("x", "sum by (slot) (llm_cache_errors_total)") if r.labels]
     assert grouped.labels == {"slot"} and exposition.problems(grouped, {})
     (doc,) = doc_references("d", "see `llm_cache_errors_total{operation=get|flush}`")
-    assert exposition.problems(doc, {}) == [
-        "d: 'llm_cache_errors_total{operation=get|flush}': llm_cache_errors_total{operation='flush'} never exists"
-    ]
+    assert exposition.problems(doc, {}) == ["d: 'llm_cache_errors_total{operation=get|flush}': "
+                                            "llm_cache_errors_total{operation='flush'} never exists"]
     assert exposition.problems(Reference("d", "llm_nope", "llm_nope"), {})
 
 
@@ -71,13 +70,11 @@ def test_a_metric_with_no_series_has_its_collectors_labels_only() -> None:
     assert sorted(sorted(r.labels) for r in refs) == [["model"], ["operation"]]
     assert [problem for ref in refs for problem in exposition.problems(ref, {})] == []
     (slot,) = [r for r in promql_references("x", "sum by (slot) (llm_cache_errors_total)") if r.labels]
-    assert exposition.problems(slot, {}) == [
-        "x: 'sum by (slot) (llm_cache_errors_total)': llm_cache_errors_total has no label 'slot'"
-    ]
+    assert exposition.problems(slot, {}) == ["x: 'sum by (slot) (llm_cache_errors_total)': "
+                                             "llm_cache_errors_total has no label 'slot'"]
     (doc,) = doc_references("d", "see `llm_cache_errors_total{operation=get}`")
-    assert exposition.problems(doc, {}) == [
-        "d: 'llm_cache_errors_total{operation=get}': llm_cache_errors_total{operation='get'} never exists"
-    ]
+    assert exposition.problems(doc, {}) == ["d: 'llm_cache_errors_total{operation=get}': "
+                                            "llm_cache_errors_total{operation='get'} never exists"]
     assert exposition.problems(doc, {("llm_cache_errors", "operation"): {"get"}}) == []
     # Declared by the text's HELP and TYPE but by no collector of the service: it does not exist.
     bare = Reference("d", "llm_cache_errors_total", "llm_cache_errors_total")
