@@ -7,7 +7,6 @@ from collections.abc import Iterable
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_service.traffic.request_record import RequestRecord
@@ -88,9 +87,9 @@ class RequestAccounting:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = MutableHeaders(scope=message)
-                if "x-cache" not in headers:
-                    headers["X-Cache"] = "MISS"
+                headers = message["headers"] = list(message.get("headers", ()))
+                if not any(name.lower() == b"x-cache" for name, _ in headers):
+                    headers.append((b"x-cache", b"MISS"))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Counted before the last byte leaves: a client that reads /metrics next sees it.
                 count(final_code(status, True, record.failure))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,11 +19,12 @@ from llm_service.cache.controls import CacheControl
 from llm_service.engines.base import SamplingOptions
 from llm_service.errors import ServiceError, render_error, to_service_error
 from llm_service.serving.generation import GenerationResult, GenerationSpec, GenerationStream
+from llm_service.traffic.request_record import RequestRecord
 
 router = APIRouter(tags=["generate"])
 
 def spec_from_request(
-    body: GenerateRequest, request_id: str, cache_header: str | None, deadline: float | None = None
+    body: GenerateRequest, request_id: str, cache_header: str | None, deadline: float, record: RequestRecord
 ) -> GenerationSpec:
     sampling = SamplingOptions(
         max_tokens=body.max_tokens or 0,
@@ -49,6 +49,7 @@ def spec_from_request(
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
         deadline=deadline,
+        record=record,
     )
 
 
@@ -131,9 +132,7 @@ async def generate(
     record: RequestRecordDep,
     cache_control: str | None = Header(None, description="no-cache, no-store, max-age=N"),
 ) -> Any:
-    spec = dataclasses.replace(
-        spec_from_request(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
-    )
+    spec = spec_from_request(body, request_id, cache_control, request_timeout.deadline(body.timeout), record)
     if body.stream:
         stream = await generation.open(spec)
         return SSEResponse(sse_events(stream), on_close=stream.aclose, headers=stream.result.headers())

@@ -36,6 +36,7 @@ from llm_service.engines.base import SamplingOptions, TokenLogprob, ToolCallDelt
 from llm_service.errors import InvalidRequest, render_openai_error, to_service_error
 from llm_service.registry import Slot
 from llm_service.serving.generation import GenerationResult, GenerationSpec, GenerationStream, ToolCall
+from llm_service.traffic.request_record import RequestRecord
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -134,7 +135,7 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
 
 
 def chat_spec(
-    body: ChatCompletionRequest, request_id: str, cache_header: str | None, deadline: float | None = None
+    body: ChatCompletionRequest, request_id: str, cache_header: str | None, deadline: float, record: RequestRecord
 ) -> GenerationSpec:
     """The generation a chat completion request asks for; InvalidRequest for unsupported fields."""
     if body.functions:
@@ -156,6 +157,7 @@ def chat_spec(
         tool_choice=body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
         deadline=deadline,
+        record=record,
     )
 
 
@@ -401,9 +403,7 @@ async def chat_completions(
     record: RequestRecordDep,
     cache_control: str | None = _CACHE_HEADER,
 ) -> Any:
-    spec = dataclasses.replace(
-        chat_spec(body, request_id, cache_control, request_timeout.deadline(body.timeout)), record=record
-    )
+    spec = chat_spec(body, request_id, cache_control, request_timeout.deadline(body.timeout), record)
     created = int(time.time())
     if body.stream:
         stream = await generation.open(spec)

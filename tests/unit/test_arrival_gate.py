@@ -86,6 +86,35 @@ def test_one_the_engine_starts_at_once_waits_with_a_burst_arriving_meanwhile() -
     run_virtual(scenario())
 
 
+def test_one_the_engine_starts_at_once_waits_when_it_arrives_within_a_step_of_the_one_before() -> None:
+    # No arrival during its one turn (the next ones are still being read), but it came in a burst.
+    async def scenario() -> None:
+        gate = ArrivalGate(STEP, LIMIT)
+        gone: list[tuple[str, float]] = []
+        gate.arrived()  # the burst's first request
+        await asyncio.sleep(STEP / 4)
+        second = asyncio.create_task(admitted(gate, "at-once", False, gone))
+        await asyncio.sleep(STEP / 4)
+        last = await burst(gate, 10, STEP / 2)
+        await second
+        assert gone[0][1] > last
+
+    run_virtual(scenario())
+
+
+def test_one_the_engine_starts_at_once_goes_on_when_the_one_before_came_a_step_earlier() -> None:
+    async def scenario() -> None:
+        gate = ArrivalGate(STEP, LIMIT)
+        gone: list[tuple[str, float]] = []
+        gate.arrived()
+        await asyncio.sleep(2 * STEP)
+        began = asyncio.get_running_loop().time()
+        await admitted(gate, "at-once", False, gone)
+        assert gone[0][1] == began
+
+    run_virtual(scenario())
+
+
 def test_the_watcher_cancelled_lets_the_others_go_on() -> None:
     async def scenario() -> None:
         gate = ArrivalGate(STEP, LIMIT)
