@@ -76,14 +76,15 @@ class ArrivalGate:
         self.arrivals += 1
         self._before, self._latest = self._latest, asyncio.get_running_loop().time()
 
-    async def after_arrivals(self, waits: bool) -> None:
-        """Let the requests arriving meanwhile be decided first (called right after this request's
-        own arrival). If this one `waits` for the engine anyway, or arrived within a step of the one
+    async def admitted(self, waits: bool) -> None:
+        """An admitted request's arrival; then let the requests arriving meanwhile be decided first.
+        If this one `waits` for the engine anyway, or arrived within a step of the one
         before it (a burst), or requests arrive during one turn of the event loop: until a whole
         step passes with no arrival, or `limit` after the first of the burst began to wait. A
         request alone goes on after the one turn. (A burst's first requests are the ones the engine
         starts at once: each going on to its render and tokenizing, 1-3 ms here, held every
         arrival behind it, and the burst's last refusals by 10-20 ms.)"""
+        self.arrived()
         seen = self.arrivals
         in_burst = self._latest - self._before < self.step
         await asyncio.sleep(0)
@@ -149,8 +150,7 @@ class FastPath:
         reservation = record_of(scope).reservation
         try:
             if reservation is not None:
-                self.gate.arrived()
-                await self.gate.after_arrivals(reservation.waits)
+                await self.gate.admitted(reservation.waits)
             await self.app(scope, replaying(body, receive), send)
         finally:  # what admission reserved for it and its route never adopted (a 400, a client gone)
             if reservation is not None:

@@ -25,8 +25,7 @@ async def burst(gate: ArrivalGate, count: int, every: float) -> float:
 
 
 async def admitted(gate: ArrivalGate, name: str, waits: bool, gone: list[tuple[str, float]]) -> None:
-    gate.arrived()
-    await gate.after_arrivals(waits)
+    await gate.admitted(waits)
     gone.append((name, asyncio.get_running_loop().time()))
 
 
