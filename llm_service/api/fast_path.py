@@ -14,13 +14,14 @@ In a burst, a request admission lets through to wait (the engine cannot start it
 burst's later arrivals be decided first (`ArrivalGate`): its route's first step (rendering,
 tokenising, handing it to the engine) costs a few milliseconds of the event loop, while a refusal
 costs a fraction of one, and the request would wait for the engine anyway. A request the engine
-starts at once goes on after one turn of the event loop, or with the waiting ones if a burst is
+starts at once goes on after a few turns of the event loop, or with the waiting ones if a burst is
 arriving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -52,25 +53,42 @@ class FastRoute:
     render: Callable[[GenerationResult, Any], dict[str, Any]]
 
 
-# A waiting request yields in steps of GATE_STEP_SECONDS while requests keep arriving, at most
-# GATE_LIMIT_SECONDS in all: about what a burst of a few hundred refusals takes to decide here.
-GATE_STEP_SECONDS = 0.001
+# Requests that will wait go on once no request has arrived for GATE_QUIET_SECONDS, counted from
+# the latest arrival (uvloop's timers tick in whole milliseconds: a 1 ms sleep may end at once), at
+# most GATE_LIMIT_SECONDS after the first of them began to wait: about what a burst of a few hundred
+# refusals takes to decide here. A request the engine starts at once joins them if requests arrive
+# during its first GATE_TURNS turns of the event loop (a new connection's request is decided two
+# turns after its bytes are read) or it arrived within GATE_BURST_SECONDS of the one before it.
+GATE_QUIET_SECONDS = 0.003
+GATE_BURST_SECONDS = 0.001
 GATE_LIMIT_SECONDS = 0.2
+GATE_TURNS = 3
 
 
 class ArrivalGate:
-    """Lets requests that will wait anyway go on only once arrivals pause (or after `limit`): the
-    first such request watches the arrivals, the ones after it wait for it and go on with it, in
-    the order they came (one timer however many wait). Arrivals are the requests admission decided
-    on (refused or admitted): memory hits are not counted, so a stream of them holds nothing back."""
+    """Lets requests that will wait anyway go on only once arrivals pause (or after `limit`): one
+    releaser lets them go one by one, in the order they came, a few turns of the event loop apart,
+    and stops again as soon as a request arrives (a burst read in two parts, its second part held
+    up by the first part's routes, used to find every waiting request gone). Arrivals are the
+    requests admission decided on (refused or admitted): memory hits are not counted, so a stream
+    of them holds nothing back."""
 
-    def __init__(self, step: float = GATE_STEP_SECONDS, limit: float = GATE_LIMIT_SECONDS) -> None:
-        self.step = step
+    def __init__(
+        self,
+        quiet: float = GATE_QUIET_SECONDS,
+        limit: float = GATE_LIMIT_SECONDS,
+        burst: float = GATE_BURST_SECONDS,
+        turns: int = GATE_TURNS,
+    ) -> None:
+        self.quiet = quiet
         self.limit = limit
+        self.burst = burst
+        self.turns = turns
         self.arrivals = 0
         # Event-loop times of the latest arrival and of the one before it.
         self._latest = self._before = -math.inf
-        self._passage: asyncio.Future[None] | None = None  # set when the waiting requests go on
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._releaser: asyncio.Task[None] | None = None  # runs while requests wait
 
     def arrived(self) -> None:
         self.arrivals += 1
@@ -78,35 +96,47 @@ class ArrivalGate:
 
     async def admitted(self, waits: bool) -> None:
         """An admitted request's arrival; then let the requests arriving meanwhile be decided first.
-        If this one `waits` for the engine anyway, or arrived within a step of the one
-        before it (a burst), or requests arrive during one turn of the event loop: until a whole
-        step passes with no arrival, or `limit` after the first of the burst began to wait. A
-        request alone goes on after the one turn. (A burst's first requests are the ones the engine
+        If this one `waits` for the engine anyway, or arrived within `burst` of the one before it,
+        or requests arrive during its `turns` turns of the event loop: until its turn to go. A
+        request alone goes on after those turns. (A burst's first requests are the ones the engine
         starts at once: each going on to its render and tokenizing, 1-3 ms here, held every
         arrival behind it, and the burst's last refusals by 10-20 ms.)"""
         self.arrived()
         seen = self.arrivals
-        in_burst = self._latest - self._before < self.step
-        await asyncio.sleep(0)
+        in_burst = self._latest - self._before < self.burst
+        for _ in range(self.turns):
+            await asyncio.sleep(0)
         if not waits and not in_burst and self.arrivals == seen:
             return
-        if self._passage is not None:
-            await asyncio.shield(self._passage)  # the watcher leaving (or cancelled) lets it go
-            return
-        self._passage = asyncio.get_running_loop().create_future()
-        try:
-            await self._watch()
-        finally:
-            passage, self._passage = self._passage, None
-            passage.set_result(None)
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
+        self._waiting.append(turn)
+        if self._releaser is None:
+            self._releaser = loop.create_task(self._release())
+        await turn  # cancelled with its request (the client left): the releaser skips it
 
-    async def _watch(self) -> None:
+    async def _release(self) -> None:
         loop = asyncio.get_running_loop()
         until = loop.time() + self.limit
-        seen = -1
-        while seen != self.arrivals and loop.time() < until:
-            seen = self.arrivals
-            await asyncio.sleep(self.step)
+        try:
+            while self._waiting:
+                now = loop.time()
+                quiet_in = self._latest + self.quiet - now
+                if quiet_in > 0 and now < until:
+                    await asyncio.sleep(min(quiet_in, until - now))
+                    continue
+                turn = self._waiting.popleft()
+                if turn.done():
+                    continue
+                turn.set_result(None)
+                for _ in range(self.turns):  # its route's first step; arrivals meanwhile are decided
+                    await asyncio.sleep(0)
+        finally:
+            self._releaser = None
+            while self._waiting:  # cancelled (the loop closing): nobody is left behind
+                turn = self._waiting.popleft()
+                if not turn.done():
+                    turn.set_result(None)
 
 
 class FastPath:

@@ -1,6 +1,6 @@
 """The fast path's arrival gate on a virtual clock: in a burst, requests admitted to wait go on only
-once arrivals pause (or after the limit), together, in the order they came; a request alone does not
-wait."""
+once arrivals pause (or after the limit), one by one in the order they came, stopping again when a
+request arrives; a request alone does not wait."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from llm_service.api.fast_path import ArrivalGate
 
 from .virtual_loop import run_virtual
 
-STEP, LIMIT = 0.001, 0.05
+STEP, QUIET, LIMIT = 0.001, 0.003, 0.05
+
+
+def gate_() -> ArrivalGate:
+    return ArrivalGate(quiet=QUIET, limit=LIMIT, burst=STEP)
 
 
 async def burst(gate: ArrivalGate, count: int, every: float) -> float:
@@ -29,40 +33,64 @@ async def admitted(gate: ArrivalGate, name: str, waits: bool, gone: list[tuple[s
     gone.append((name, asyncio.get_running_loop().time()))
 
 
-def test_waiting_requests_go_on_together_in_order_once_the_burst_pauses() -> None:
+def test_waiting_requests_go_on_in_order_once_no_request_arrived_for_the_quiet_time() -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         gone: list[tuple[str, float]] = []
         waiters = [asyncio.create_task(admitted(gate, f"w{i}", True, gone)) for i in range(5)]
         last = await burst(gate, 20, STEP / 2)
         await asyncio.gather(*waiters)
         assert [name for name, _ in gone] == [f"w{i}" for i in range(5)]
-        times = {t for _, t in gone}
-        assert len(times) == 1  # released together, by one watcher
-        assert last < times.pop() <= last + 2 * STEP
+        times = [t for _, t in gone]
+        assert last + QUIET <= min(times) and max(times) <= last + QUIET + STEP  # one releaser, one by one
+
+    run_virtual(scenario())
+
+
+def test_a_request_arriving_while_they_go_on_stops_the_rest_until_the_next_quiet_time() -> None:
+    # A burst read in two parts: the first part's routes used to hold the second part behind them.
+    async def scenario() -> None:
+        gate = gate_()
+        loop = asyncio.get_running_loop()
+        gone: list[tuple[str, float]] = []
+        second: list[float] = []
+
+        async def first() -> None:
+            await admitted(gate, "w0", True, gone)
+            gate.arrived()  # the burst's second part, decided during the turns after w0 went on
+            second.append(loop.time())
+
+        waiters = [asyncio.create_task(first())]
+        waiters += [asyncio.create_task(admitted(gate, f"w{i}", True, gone)) for i in range(1, 5)]
+        await burst(gate, 3, STEP / 2)
+        await asyncio.gather(*waiters)
+        assert [name for name, _ in gone] == [f"w{i}" for i in range(5)]
+        assert second[0] == gone[0][1]
+        assert all(second[0] + QUIET <= t for _, t in gone[1:])
 
     run_virtual(scenario())
 
 
 def test_an_endless_burst_holds_them_no_longer_than_the_limit() -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         loop = asyncio.get_running_loop()
         gone: list[tuple[str, float]] = []
         began = loop.time()
         flood = asyncio.create_task(burst(gate, 1000, STEP / 4))
-        await admitted(gate, "w", True, gone)
-        assert began + LIMIT <= gone[0][1] <= began + LIMIT + STEP
+        await asyncio.gather(*(admitted(gate, f"w{i}", True, gone) for i in range(3)))
+        assert [name for name, _ in gone] == ["w0", "w1", "w2"]
+        assert began + LIMIT <= gone[0][1] and gone[-1][1] <= began + LIMIT + STEP  # arrivals no longer stop them
         assert not flood.done()
         flood.cancel()
 
     run_virtual(scenario())
 
 
-@pytest.mark.parametrize(("waits", "held_for"), [(False, 0.0), (True, STEP)])
-def test_a_request_alone_goes_on_after_one_turn_or_one_step(waits: bool, held_for: float) -> None:
+@pytest.mark.parametrize(("waits", "held_for"), [(False, 0.0), (True, QUIET)])
+def test_a_request_alone_goes_on_after_its_turns_or_the_quiet_time(waits: bool, held_for: float) -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         began = asyncio.get_running_loop().time()
         gone: list[tuple[str, float]] = []
         await admitted(gate, "alone", waits, gone)
@@ -73,7 +101,7 @@ def test_a_request_alone_goes_on_after_one_turn_or_one_step(waits: bool, held_fo
 
 def test_one_the_engine_starts_at_once_waits_with_a_burst_arriving_meanwhile() -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         gone: list[tuple[str, float]] = []
         first = asyncio.create_task(admitted(gate, "at-once", False, gone))
         await asyncio.sleep(0)  # it is decided, and yields its one turn
@@ -88,7 +116,7 @@ def test_one_the_engine_starts_at_once_waits_with_a_burst_arriving_meanwhile() -
 def test_one_the_engine_starts_at_once_waits_when_it_arrives_within_a_step_of_the_one_before() -> None:
     # No arrival during its one turn (the next ones are still being read), but it came in a burst.
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         gone: list[tuple[str, float]] = []
         gate.arrived()  # the burst's first request
         await asyncio.sleep(STEP / 4)
@@ -103,7 +131,7 @@ def test_one_the_engine_starts_at_once_waits_when_it_arrives_within_a_step_of_th
 
 def test_one_the_engine_starts_at_once_goes_on_when_the_one_before_came_a_step_earlier() -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         gone: list[tuple[str, float]] = []
         gate.arrived()
         await asyncio.sleep(2 * STEP)
@@ -114,20 +142,20 @@ def test_one_the_engine_starts_at_once_goes_on_when_the_one_before_came_a_step_e
     run_virtual(scenario())
 
 
-def test_the_watcher_cancelled_lets_the_others_go_on() -> None:
+def test_a_waiting_request_whose_client_left_is_skipped() -> None:
     async def scenario() -> None:
-        gate = ArrivalGate(STEP, LIMIT)
+        gate = gate_()
         gone: list[tuple[str, float]] = []
-        flood = asyncio.create_task(burst(gate, 1000, STEP / 4))
-        watcher = asyncio.create_task(admitted(gate, "watcher", True, gone))
-        await asyncio.sleep(STEP / 8)
-        follower = asyncio.create_task(admitted(gate, "follower", True, gone))
+        first = asyncio.create_task(admitted(gate, "left", True, gone))
+        second = asyncio.create_task(admitted(gate, "stays", True, gone))
+        flood = asyncio.create_task(burst(gate, 10, STEP / 2))
         await asyncio.sleep(STEP)
-        watcher.cancel()  # its client left
-        left = asyncio.get_running_loop().time()
-        await follower
-        assert gone == [("follower", left)]  # at once, not at the limit
-        assert watcher.cancelled()
-        flood.cancel()
+        first.cancel()  # its client left
+        last = await flood
+        await second
+        assert gone == [("stays", last + QUIET)]
+        assert first.cancelled()
+        await asyncio.sleep(STEP)
+        assert gate._releaser is None  # nothing left running
 
     run_virtual(scenario())
