@@ -69,9 +69,9 @@ class ArrivalGate:
     """Lets requests that will wait anyway go on only once arrivals pause (or after `limit`): one
     releaser lets them go one by one, in the order they came, a few turns of the event loop apart,
     and stops again as soon as a request arrives (a burst read in two parts, its second part held
-    up by the first part's routes, used to find every waiting request gone). Arrivals are the
-    requests admission decided on (refused or admitted): memory hits are not counted, so a stream
-    of them holds nothing back."""
+    up by the first part's routes, used to find every waiting request gone); `limit` after it began
+    it lets all go at once. Arrivals are the requests admission decided on (refused or admitted):
+    memory hits are not counted, so a stream of them holds nothing back."""
 
     def __init__(
         self,
@@ -122,7 +122,9 @@ class ArrivalGate:
             while self._waiting:
                 now = loop.time()
                 quiet_in = self._latest + self.quiet - now
-                if quiet_in > 0 and now < until:
+                if now >= until:
+                    break  # the finally lets them all go: a flood must not hold them longer
+                if quiet_in > 0:
                     await asyncio.sleep(min(quiet_in, until - now))
                     continue
                 turn = self._waiting.popleft()
@@ -133,7 +135,7 @@ class ArrivalGate:
                     await asyncio.sleep(0)
         finally:
             self._releaser = None
-            while self._waiting:  # cancelled (the loop closing): nobody is left behind
+            while self._waiting:  # the limit reached, or cancelled (the loop closing): all go on
                 turn = self._waiting.popleft()
                 if not turn.done():
                     turn.set_result(None)
