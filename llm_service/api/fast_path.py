@@ -104,8 +104,7 @@ class ArrivalGate:
         self.arrived()
         seen = self.arrivals
         in_burst = self._latest - self._before < self.burst
-        for _ in range(self.turns):
-            await asyncio.sleep(0)
+        await self._turns()
         if not waits and not in_burst and self.arrivals == seen:
             return
         loop = asyncio.get_running_loop()
@@ -114,6 +113,10 @@ class ArrivalGate:
         if self._releaser is None:
             self._releaser = loop.create_task(self._release())
         await turn  # cancelled with its request (the client left): the releaser skips it
+
+    async def _turns(self) -> None:
+        for _ in range(self.turns):
+            await asyncio.sleep(0)
 
     async def _release(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,8 +134,7 @@ class ArrivalGate:
                 if turn.done():
                     continue
                 turn.set_result(None)
-                for _ in range(self.turns):  # its route's first step; arrivals meanwhile are decided
-                    await asyncio.sleep(0)
+                await self._turns()  # its route's first step; arrivals meanwhile are decided
         finally:
             self._releaser = None
             while self._waiting:  # the limit reached, or cancelled (the loop closing): all go on

@@ -182,8 +182,9 @@ class GenerationStream:
         self._request = record  # None for a generation shared by coalesced requests (each reader's counts)
         self._error: str | None = None
         self._service = service
-        self._stack = contextlib.AsyncExitStack()
-        self._holds = False  # the stack holds something (a refusal on arrival holds nothing)
+        # What the stream holds (the slot, the admission, the deltas), made with the first: a refusal
+        # on arrival or a memory hit holds nothing, and an empty stack's exit costs a tenth of a refusal.
+        self._stack: contextlib.AsyncExitStack | None = None
         self._deltas: AsyncIterator[GenerationDelta] | None = None
         self._first: GenerationDelta | None = None
         self._started = time.perf_counter()
@@ -192,8 +193,7 @@ class GenerationStream:
 
     async def enter(self, context: contextlib.AbstractAsyncContextManager[T]) -> T:
         """Hold `context` (the slot, the admission) until the stream closes."""
-        self._holds = True
-        return await self._stack.enter_async_context(context)
+        return await self._holding().enter_async_context(context)
 
     async def start(self, engine: Engine, request: GenerationRequest) -> None:
         """Start the engine's generation and wait for its first delta."""
@@ -202,10 +202,14 @@ class GenerationStream:
 
     async def replay(self, deltas: AsyncIterator[GenerationDelta]) -> None:
         """Serve `deltas` (the engine's, a cache entry's, or a shared generation's); wait for the first."""
-        self._holds = True
-        self._stack.push_async_callback(_aclose, deltas)
+        self._holding().push_async_callback(_aclose, deltas)
         self._deltas = deltas
         self._first = await anext(deltas, None)
+
+    def _holding(self) -> contextlib.AsyncExitStack:
+        if self._stack is None:
+            self._stack = contextlib.AsyncExitStack()
+        return self._stack
 
     def __aiter__(self) -> AsyncIterator[GenerationDelta]:
         return self._iterate()
@@ -263,8 +267,8 @@ class GenerationStream:
             return
         self._closed = True
         try:
-            if not self._holds:
-                pass  # nothing to release: an AsyncExitStack's exit costs a refusal a tenth of its time
+            if self._stack is None:
+                pass  # nothing held
             elif cause is None:
                 await self._stack.aclose()
             else:
