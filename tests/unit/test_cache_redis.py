@@ -446,7 +446,10 @@ async def test_large_entries_are_not_stored(store: redis.Redis, redis_process: R
 async def test_a_burst_of_calls_shares_a_bounded_pool(store: redis.Redis, redis_process: RedisProcess) -> None:
     # redis-py's default pool opens a connection per call in flight and keeps it: a burst of 200
     # requests would leave 200 idle connections to Redis. The bounded pool makes them wait their turn.
-    settings = redis_settings(redis_process.port, db=3, max_connections=4)  # db 3: no other test's clients
+    # db 3: no other test's clients. The 200 calls queue for 4 connections; a generous timeout keeps a
+    # pause of the test process (a full collection of a large heap takes ~0.4 s) from turning the
+    # last of them into misses: the bound is the property here, not the wait.
+    settings = redis_settings(redis_process.port, db=3, max_connections=4, socket_timeout_seconds=5)
     cache = RedisCache(settings, Metrics(), max_entry_bytes=1 << 20)
     try:
         stored = await asyncio.gather(*(cache.set(f"burst-{i}", ENTRY, 60) for i in range(200)))
